@@ -1,0 +1,1 @@
+"""FlowMason pipeline engine: documents, templates, expressions, executor, components."""

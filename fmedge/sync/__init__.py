@@ -1,0 +1,1 @@
+"""Cloud sync: the protocol client and the SyncManager."""
