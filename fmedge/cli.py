@@ -1,0 +1,329 @@
+"""The `fm-edge` command: parse, call the library, print, map errors to exit codes.
+
+No business logic lives here: every command calls the same runtime/store methods the HTTP
+API and library users call.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .config import FIELD_BY_NAME, EdgeConfig, mask, set_config_value, unset_config_value
+from .errors import ConfigError, FmEdgeError, UsageError
+
+# Exit codes (documented in the README).
+EXIT_OK = 0
+EXIT_FAILED = 1          # a run failed, or an unexpected error
+EXIT_USAGE = 2           # bad input, configuration or storage problem
+EXIT_OFFLINE = 3         # cloud unreachable
+EXIT_BUSY = 4            # busy or locked
+EXIT_AUTH = 5            # the cloud refused the api_key
+EXIT_INTERRUPTED = 130   # Ctrl-C
+
+
+def main(argv=None):
+    """Entry point of `fm-edge` and `python3 fm-edge.pyz`; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(args.log_level)
+    try:
+        return args.handler(args) or EXIT_OK
+    except FmEdgeError as exc:
+        _print_error(args, exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fm-edge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `fm-edge list | head`: the reader left; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+def build_parser():
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="fm-edge", parents=[_common_options(defaults=True)],
+        description="Run FlowMason pipelines on this device, offline first.",
+        epilog="exit codes: 0 ok, 1 run failed, 2 bad input/config/storage, 3 offline, "
+               "4 busy, 5 auth failed, 130 interrupted")
+    parser.add_argument("--version", action="version", version=f"fm-edge {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in (_add_config, _add_add, _add_list, _add_remove, _add_clear_cache,
+                     _add_status):
+        register(commands, common)
+    return parser
+
+
+def _common_options(defaults=False):
+    """Options accepted before or after the command (`fm-edge --json list` = `list --json`)."""
+    default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=default(None), metavar="DIR",
+                        help="data directory (default: $FLOWMASON_EDGE_DATA_DIR, "
+                             "/var/flowmason/edge, or ~/.flowmason/edge)")
+    common.add_argument("--set", dest="overrides", action="append", default=default([]),
+                        metavar="KEY=VALUE", help="override one setting for this command")
+    common.add_argument("--json", action="store_true", default=default(False),
+                        help="print machine-readable JSON")
+    common.add_argument("--log-level", default=default("warning"),
+                        choices=("debug", "info", "warning", "error"), help="log verbosity")
+    return common
+
+
+def _command(commands, common, name, handler, help_text):
+    sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _add_config(commands, common):
+    sub = _command(commands, common, "config", None, "show or change settings")
+    actions = sub.add_subparsers(dest="action", metavar="ACTION", required=True)
+    setter = actions.add_parser("set", parents=[common], help="save a setting")
+    setter.add_argument("key")
+    setter.add_argument("value")
+    setter.set_defaults(handler=cmd_config_set)
+    getter = actions.add_parser("get", parents=[common], help="print one effective setting")
+    getter.add_argument("key")
+    getter.add_argument("--reveal", action="store_true", help="print a secret unmasked")
+    getter.set_defaults(handler=cmd_config_get)
+    unsetter = actions.add_parser("unset", parents=[common], help="remove a saved setting")
+    unsetter.add_argument("key")
+    unsetter.set_defaults(handler=cmd_config_unset)
+    shower = actions.add_parser("show", parents=[common],
+                                help="every effective setting and where it comes from")
+    shower.set_defaults(handler=cmd_config_show)
+
+
+def _add_add(commands, common):
+    sub = _command(commands, common, "add", cmd_add,
+                   "store pipeline documents on this device")
+    sub.add_argument("files", nargs="+", metavar="FILE",
+                     help="pipeline JSON file(s); '-' reads standard input (needs --id)")
+    sub.add_argument("--id", dest="pipeline_id",
+                     help="pipeline id (default: the document's 'id', else the file name)")
+
+
+def _add_list(commands, common):
+    _command(commands, common, "list", cmd_list, "list cached pipelines")
+
+
+def _add_remove(commands, common):
+    sub = _command(commands, common, "remove", cmd_remove, "remove a cached pipeline")
+    sub.add_argument("pipeline_id", metavar="ID")
+
+
+def _add_clear_cache(commands, common):
+    sub = _command(commands, common, "clear-cache", cmd_clear_cache,
+                   "delete cached pipelines, models and/or synced results "
+                   "(all three when no kind is given)")
+    sub.add_argument("--pipelines", action="store_true", help="cached pipelines")
+    sub.add_argument("--models", action="store_true", help="cached model files")
+    sub.add_argument("--results", action="store_true",
+                     help="synced and quarantined results")
+    sub.add_argument("--include-pending", action="store_true",
+                     help="with --results: also results not yet synced (they are lost)")
+    sub.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+
+def _add_status(commands, common):
+    _command(commands, common, "status", cmd_status,
+             "data dir, cached pipelines, results waiting to sync, disk free")
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def load_config(args):
+    """The effective configuration: defaults < file < env < --data-dir/--set flags."""
+    flags = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        if key.strip() not in FIELD_BY_NAME:
+            from .config import unknown_key_message
+
+            raise ConfigError(unknown_key_message(key.strip(), "--set"))
+        flags[key.strip()] = value
+    return EdgeConfig.load(data_dir=args.data_dir, flags=flags)
+
+
+def make_runtime(args):
+    from .runtime import EdgeRuntime
+
+    return EdgeRuntime(load_config(args))
+
+
+def emit(args, data, human):
+    """Print ``data`` as JSON with --json, else the human text (a string or lines)."""
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        print(human if isinstance(human, str) else "\n".join(human))
+
+
+def _print_error(args, exc):
+    if getattr(args, "json", False):
+        body = {"error": {"code": exc.code, "message": str(exc)}}
+        print(json.dumps(body), file=sys.stderr)
+    else:
+        print(f"fm-edge: error: {exc}", file=sys.stderr)
+
+
+def _setup_logging(level):
+    import logging
+
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="fm-edge: %(levelname)s: %(message)s")
+
+
+def confirm(question, args):
+    """Ask on a terminal unless --yes; scripts (no terminal) are not asked."""
+    if args.yes or not sys.stdin.isatty():
+        return True
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _human_bytes(count):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024.0
+    return f"{count} B"
+
+
+# -- commands -------------------------------------------------------------------------------
+
+def cmd_config_set(args):
+    config = load_config(args)
+    value = set_config_value(config.data_dir, args.key, args.value)
+    shown = mask(value) if FIELD_BY_NAME[args.key].secret else value
+    emit(args, {"key": args.key, "value": shown, "file": config.config_file},
+         f"{args.key} = {_show(shown)}  (saved in {config.config_file})")
+
+
+def cmd_config_get(args):
+    config = load_config(args)
+    spec = FIELD_BY_NAME.get(args.key)
+    if spec is None:
+        from .config import unknown_key_message
+
+        raise ConfigError(unknown_key_message(args.key))
+    value = getattr(config, args.key)
+    if spec.secret and not args.reveal:
+        value = mask(value)
+    emit(args, {"key": args.key, "value": value, "source": config.sources[args.key]},
+         _show(value))
+
+
+def cmd_config_unset(args):
+    config = load_config(args)
+    removed = unset_config_value(config.data_dir, args.key)
+    text = f"{args.key} removed from {config.config_file}" if removed else (
+        f"{args.key} was not set in {config.config_file}")
+    emit(args, {"key": args.key, "removed": removed}, text)
+
+
+def cmd_config_show(args):
+    config = load_config(args)
+    values = config.as_dict(mask_secrets=True)
+    rows = [{"key": k, "value": v, "source": config.sources[k]} for k, v in values.items()]
+    width = max(len(k) for k in values)
+    lines = [f"{r['key']:<{width}}  {_show(r['value'])}   ({r['source']})" for r in rows]
+    emit(args, {r["key"]: {"value": r["value"], "source": r["source"]} for r in rows}, lines)
+
+
+def _show(value):
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def cmd_add(args):
+    from .pipeline_files import read_pipeline_files
+
+    documents = read_pipeline_files(args.files, args.pipeline_id)
+    runtime = make_runtime(args)
+    # Validate every document before storing any: a bad file stores nothing.
+    for pipeline_id, document, path in documents:
+        runtime.pipelines.validator(document, pipeline_id)
+    entries = [runtime.pipelines.store_now(pipeline_id, document, source="local")
+               for pipeline_id, document, _ in documents]
+    emit(args, entries, [f"added {e['id']} (version {e['version']}, "
+                         f"sha256 {e['sha256'][:12]})" for e in entries])
+
+
+def cmd_list(args):
+    entries = make_runtime(args).pipelines.list_now()
+    lines = [f"{'ID':<32} {'VERSION':<10} {'SOURCE':<7} {'SIZE':>9}  LAST USED"]
+    lines += [f"{e['id']:<32} {e['version']:<10} {e['source']:<7} "
+              f"{_human_bytes(e['size']):>9}  {_when(e['last_used_at'])}" for e in entries]
+    emit(args, entries, lines if entries else "no pipelines cached; add one with "
+                                              "`fm-edge add FILE`")
+
+
+def _when(timestamp):
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def cmd_remove(args):
+    removed = make_runtime(args).pipelines.remove_now(args.pipeline_id)
+    if not removed:
+        from .errors import NotFoundError
+
+        raise NotFoundError(f"pipeline {args.pipeline_id} is not cached; "
+                            "`fm-edge list` shows the cached ones")
+    emit(args, {"removed": args.pipeline_id}, f"removed {args.pipeline_id}")
+
+
+def cmd_clear_cache(args):
+    kinds = [k for k in ("pipelines", "models", "results") if getattr(args, k)]
+    kinds = kinds or ["pipelines", "models", "results"]
+    if args.include_pending and "results" not in kinds:
+        raise UsageError("--include-pending only applies with --results")
+    runtime = make_runtime(args)
+    warning = " (including results NOT yet synced: they will be lost)" if (
+        args.include_pending) else ""
+    if not confirm(f"Delete cached {', '.join(kinds)}{warning} in "
+                   f"{runtime.config.data_dir}?", args):
+        print("nothing deleted", file=sys.stderr)
+        return EXIT_USAGE
+    from .maintenance import clear_cache
+
+    report = clear_cache(runtime, kinds, include_pending=args.include_pending)
+    emit(args, report, [f"{kind}: {count} removed" for kind, count in report.items()
+                        if kind != "pending_kept"] + (
+        [f"kept {report['pending_kept']} results not yet synced "
+         "(--include-pending deletes them)"] if report.get("pending_kept") else []))
+
+
+def cmd_status(args):
+    status = make_runtime(args).status()
+    results = status["results"]
+    lines = [
+        f"data dir:      {status['data_dir']}",
+        f"device id:     {status['device_id']}",
+        f"cloud:         {status['cloud_url'] or 'not configured (offline only)'}",
+        f"llm:           {status['llm_backend']} / {status['llm_model']}",
+        f"pipelines:     {status['pipelines']} cached",
+        f"results:       {results['pending']} pending sync, {results['synced']} synced, "
+        f"{results['quarantined']} quarantined, {results['running']} running",
+        f"result store:  {_human_bytes(results['bytes'])} of "
+        f"{_human_bytes(results['max_bytes'])}",
+        f"disk free:     {_human_bytes(status['disk_free_bytes'])}",
+    ]
+    emit(args, status, lines)
