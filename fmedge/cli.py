@@ -56,8 +56,8 @@ def build_parser():
                "4 busy, 5 auth failed, 130 interrupted")
     parser.add_argument("--version", action="version", version=f"fm-edge {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in (_add_config, _add_add, _add_list, _add_remove, _add_clear_cache,
-                     _add_status):
+    for register in (_add_run, _add_config, _add_add, _add_list, _add_remove,
+                     _add_clear_cache, _add_status):
         register(commands, common)
     return parser
 
@@ -110,6 +110,18 @@ def _add_add(commands, common):
                      help="pipeline JSON file(s); '-' reads standard input (needs --id)")
     sub.add_argument("--id", dest="pipeline_id",
                      help="pipeline id (default: the document's 'id', else the file name)")
+
+
+def _add_run(commands, common):
+    sub = _command(commands, common, "run", cmd_run,
+                   "run a pipeline on this device and print its result")
+    sub.add_argument("pipeline", metavar="PIPELINE",
+                     help="a cached pipeline id, a bundled example id, or a pipeline JSON file")
+    sub.add_argument("--input", "-i", dest="input", metavar="FILE|-|JSON",
+                     help="inputs: a JSON file, '-' for standard input, or inline JSON "
+                          "(default: {})")
+    sub.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="time limit for this run (default: execution_timeout)")
 
 
 def _add_list(commands, common):
@@ -263,6 +275,24 @@ def cmd_add(args):
                for pipeline_id, document, _ in documents]
     emit(args, entries, [f"added {e['id']} (version {e['version']}, "
                          f"sha256 {e['sha256'][:12]})" for e in entries])
+
+
+def cmd_run(args):
+    from .run_command import run_pipeline
+
+    result = run_pipeline(load_config(args), args.pipeline, args.input, args.timeout)
+    data = result.to_dict()
+    if args.json:
+        emit(args, data, "")
+    else:
+        print(f"status:   {result.status}", file=sys.stderr)
+        print(f"run id:   {result.run_id}", file=sys.stderr)
+        print(f"duration: {result.duration_ms:.1f} ms", file=sys.stderr)
+        if result.error:
+            where = f" (stage {result.failed_stage})" if result.failed_stage else ""
+            print(f"error:    {result.error}{where}", file=sys.stderr)
+        print(json.dumps(result.output, indent=2, sort_keys=True, default=str))
+    return EXIT_OK if result.ok else EXIT_FAILED
 
 
 def cmd_list(args):

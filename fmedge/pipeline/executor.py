@@ -1,0 +1,288 @@
+"""EdgeExecutor: runs cached (or given) pipelines within the device's limits.
+
+The seed's API: ``await EdgeExecutor(config).execute(pipeline_id=..., inputs=...)`` returns
+an :class:`ExecutionResult` with ``status``, ``output`` and ``duration_ms`` (plus
+``run_id``, ``error``, per-stage records and usage). Limits (design §6):
+
+* at most ``max_concurrent`` runs at once; up to ``max_queued_runs`` more wait for a slot;
+  past that the caller gets BusyError (HTTP 429);
+* ``execution_timeout`` bounds a whole run, ``timeout_ms`` each stage attempt; both cancel
+  the work itself (an LLM generation included), not just the wait for it;
+* each run is recorded durably in the ResultStore when it starts (``running``) and when it
+  ends, so a crash leaves an ``interrupted`` record, never a lost run.
+"""
+
+import asyncio
+import logging
+import os
+import random
+import time
+import uuid
+
+from ..config import EdgeConfig
+from ..errors import BusyError, FmEdgeError, NotFoundError, UsageError
+from ..ids import validate_id
+from .document import parse_pipeline
+from .inputs import apply_input_schema
+from .result import CANCELLED, COMPLETED, RUN_FAILED, SUCCESS, TIMEOUT, ExecutionResult
+from .run import PipelineRun, RunState, StageFailure, reference_error_name
+from .services import Services
+
+log = logging.getLogger("fmedge.executor")
+
+
+class EdgeExecutor:
+    """Runs pipelines; share one per process so the concurrency limits hold."""
+
+    def __init__(self, config=None, *, pipelines=None, results=None, llm=None,
+                 device_id=None, clock=time.time, rng=None, record=True):
+        self.config = config or EdgeConfig.load()
+        self._pipelines = pipelines
+        self._results = results
+        self.llm = llm
+        self._device_id = device_id
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.record = record
+        self._active = {}          # run_id -> asyncio.Task of the run body
+        self._cancelled = set()
+        self._waiting = 0
+        self._running = 0
+        self._slots = None
+        self.counters = {"runs": 0, "retries": 0, "rejected_busy": 0}
+        self._adapters = {}
+
+    # -- stores (opened on first use, from the config) ---------------------------------
+
+    @property
+    def pipelines(self):
+        if self._pipelines is None:
+            from ..runtime import EdgeRuntime
+
+            self._pipelines = EdgeRuntime(self.config).pipelines
+        return self._pipelines
+
+    @property
+    def results(self):
+        if self._results is None and self.record:
+            from ..runtime import EdgeRuntime
+
+            self._results = EdgeRuntime(self.config).results
+        return self._results
+
+    @property
+    def device_id(self):
+        if self._device_id is None:
+            from ..device import ensure_device_id
+
+            self._device_id = ensure_device_id(self.config)
+        return self._device_id
+
+    @property
+    def queue_depth(self):
+        return self._waiting
+
+    @property
+    def running(self):
+        return self._running
+
+    # -- running ------------------------------------------------------------------------
+
+    async def execute(self, pipeline_id=None, inputs=None, *, document=None, run_id=None,
+                      timeout=None):
+        """Run a cached pipeline (or ``document``) with ``inputs``; returns the result.
+
+        Raises UsageError/NotFoundError for bad requests (nothing recorded) and BusyError
+        when the queue is full. A run that starts always returns a result, whatever
+        happens inside it: failures are in ``status``/``error``.
+        """
+        pipeline = await self.load(pipeline_id, document)
+        inputs = apply_input_schema(pipeline, inputs)
+        run_id = validate_id(run_id, "run") if run_id else uuid.uuid4().hex
+        async with self._slot(pipeline.id):
+            return await self._run(pipeline, inputs, run_id, timeout)
+
+    async def load(self, pipeline_id=None, document=None):
+        """The parsed pipeline to run: ``document`` if given, else the cached one."""
+        if document is None:
+            if not pipeline_id:
+                raise UsageError("give a pipeline id or a pipeline document to run")
+            validate_id(pipeline_id, "pipeline")
+            from ..aio import run_blocking
+
+            document = await run_blocking(self.pipelines.get_now, pipeline_id)
+            if document is None:
+                raise NotFoundError(f"pipeline {pipeline_id} is not cached on this device: "
+                                    "add it with `fm-edge add FILE` or sync it from the cloud")
+        pipeline = parse_pipeline(document, pipeline_id=pipeline_id,
+                                  lookup=self._lookup_parent)
+        if pipeline.abstract:
+            raise UsageError(f"pipeline {pipeline.id} is abstract: it can only be extended; "
+                             "run a pipeline that extends it")
+        return pipeline
+
+    def _lookup_parent(self, parent_id):
+        from ..ids import is_valid_id
+
+        return self.pipelines.get_now(parent_id) if is_valid_id(parent_id) else None
+
+    async def cancel(self, run_id):
+        """Cancel a running run; True if it was running here."""
+        task = self._active.get(run_id)
+        if task is None or task.done():
+            return False
+        self._cancelled.add(run_id)
+        task.cancel()
+        return True
+
+    # -- slots --------------------------------------------------------------------------
+
+    def _slot(self, pipeline_id):
+        return _Slot(self, pipeline_id)
+
+    def _semaphore(self):
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_concurrent)
+        return self._slots
+
+    # -- one run ------------------------------------------------------------------------
+
+    async def _run(self, pipeline, inputs, run_id, timeout, depth=0):
+        result = ExecutionResult(run_id=run_id, pipeline_id=pipeline.id,
+                                 pipeline_version=pipeline.version, inputs=inputs,
+                                 started_at=self.clock(), device_id=self.device_id)
+        state = RunState(run_id, pipeline, inputs, self.config, self.device_id,
+                         self._allowed_env(), depth)
+        services = Services(self, state, result)
+        run = PipelineRun(state, services, rng=self.rng, clock=self.clock)
+        if depth == 0:
+            await self._save(result)
+        task = asyncio.ensure_future(run.run())
+        self._active[run_id] = task
+        self.counters["runs"] += 1
+        limit = self.config.execution_timeout if timeout is None else timeout
+        try:
+            await self._wait(task, limit, result, run_id)
+        finally:
+            self._active.pop(run_id, None)
+            self._cancelled.discard(run_id)
+            self._finish(result, run, pipeline)
+            if depth == 0:
+                await asyncio.shield(self._save(result))
+        return result
+
+    async def _wait(self, task, limit, result, run_id):
+        try:
+            await asyncio.wait_for(task, limit)
+            result.status = COMPLETED
+        except asyncio.TimeoutError:
+            result.status, result.error_type = TIMEOUT, "TimeoutExecutionError"
+            result.error = (f"run exceeded its time limit of {limit:g} s "
+                            "(execution_timeout); the running stages were stopped")
+        except asyncio.CancelledError:
+            result.status, result.error = CANCELLED, "the run was cancelled"
+            if run_id not in self._cancelled:
+                raise   # our caller was cancelled (shutdown): record, then let it through
+        except StageFailure as failure:
+            result.status, result.failed_stage = RUN_FAILED, failure.stage_id
+            result.error = str(failure.error)
+            result.error_type = reference_error_name(failure.error)
+        except FmEdgeError as error:
+            result.status, result.error = RUN_FAILED, str(error)
+            result.error_type = reference_error_name(error)
+
+    def _finish(self, result, run, pipeline):
+        result.finished_at = self.clock()
+        result.stages = dict(run.records)
+        for record in run.records.values():
+            result.usage.merge(record.usage)
+        result.output_stage_id, result.output = _output(run, pipeline)
+
+    async def run_child(self, pipeline_id, inputs, depth, version=None):
+        """A subpipeline: runs inside its parent's slot, recorded inside its parent."""
+        pipeline = await self.load(pipeline_id)
+        if version and str(version) != str(pipeline.version):
+            raise NotFoundError(f"subpipeline {pipeline_id} version {version} is not cached "
+                                f"(cached: {pipeline.version})")
+        inputs = apply_input_schema(pipeline, inputs)
+        return await self._run(pipeline, inputs, uuid.uuid4().hex, None, depth=depth)
+
+    async def _save(self, result):
+        store = self.results
+        if store is None:
+            return
+        from ..aio import run_blocking
+
+        try:
+            await run_blocking(store.save_now, result.run_id, result.to_dict())
+        except FmEdgeError as error:
+            # The run itself is not lost from the caller's view; the record is. Say so.
+            log.error("run %s: could not record the result: %s", result.run_id, error)
+            result.record_error = str(error)
+
+    def _allowed_env(self):
+        """Only variables named in ``env_allowlist``: cloud pipelines must not read keys."""
+        return {name: os.environ[name] for name in self.config.env_allowlist
+                if name in os.environ}
+
+    def adapter_for(self, stage, model=None):
+        """The LLM adapter a stage uses: the injected one, or one built from the config."""
+        if self.llm is not None:
+            return self.llm(stage, model) if callable(self.llm) and not hasattr(
+                self.llm, "generate") else self.llm
+        from ..adapters.factory import create_adapter
+
+        key = model or stage.model or ""
+        if key not in self._adapters:
+            self._adapters[key] = create_adapter(self.config, model=key or None)
+        return self._adapters[key]
+
+    async def close(self):
+        for adapter in self._adapters.values():
+            await adapter.close()
+        self._adapters.clear()
+
+
+class _Slot:
+    """``async with``: wait for a run slot, or refuse at once when the queue is full."""
+
+    def __init__(self, executor, pipeline_id):
+        self.executor = executor
+        self.pipeline_id = pipeline_id
+
+    async def __aenter__(self):
+        executor = self.executor
+        semaphore = executor._semaphore()
+        if semaphore.locked() and executor._waiting >= executor.config.max_queued_runs:
+            executor.counters["rejected_busy"] += 1
+            raise BusyError(f"busy: {executor._running} runs executing and "
+                            f"{executor._waiting} waiting (max_concurrent="
+                            f"{executor.config.max_concurrent}, max_queued_runs="
+                            f"{executor.config.max_queued_runs}); retry shortly")
+        executor._waiting += 1
+        try:
+            await semaphore.acquire()
+        finally:
+            executor._waiting -= 1
+        executor._running += 1
+        return self
+
+    async def __aexit__(self, *exc):
+        self.executor._running -= 1
+        self.executor._semaphore().release()
+        return False
+
+
+def _output(run, pipeline):
+    """The early return's value; else the output stage's; else the last declared result."""
+    if run.early_return is not None:
+        return run.returned_by, run.early_return.get("return_value")
+    records = run.records
+    chosen = pipeline.output_stage_id
+    if chosen and chosen in records and records[chosen].status == SUCCESS:
+        return chosen, records[chosen].output
+    for stage in reversed(pipeline.stages):
+        record = records.get(stage.id)
+        if record is not None and record.status == SUCCESS:
+            return stage.id, record.output
+    return None, None
