@@ -13,6 +13,8 @@ _EXPORTS = {
     "PipelineCache": "fmedge.cache.pipelines",
     "ResultStore": "fmedge.cache.results",
     "FmEdgeError": "fmedge.errors",
+    "EdgeExecutor": "fmedge.pipeline.executor",
+    "ExecutionResult": "fmedge.pipeline.result",
 }
 
 __all__ = ["__version__"] + sorted(_EXPORTS)

@@ -5,7 +5,6 @@ import os
 import sys
 
 from .errors import UsageError
-from .ids import is_valid_id
 
 
 def run_pipeline(config, target, input_arg=None, timeout=None):
@@ -29,18 +28,13 @@ async def _run(config, target, inputs, timeout):
 
 
 def _locate(executor, target):
-    """(pipeline_id, document or None): a file wins, then the cache, then the examples."""
+    """(pipeline_id, document or None): a JSON file, else an id the executor resolves
+    (cache first, then the bundled examples)."""
     if os.path.isfile(target) or target.endswith(".json") or os.sep in target:
         from .pipeline_files import read_pipeline_file
 
         pipeline_id, document, _ = read_pipeline_file(target)
         return pipeline_id, document
-    if is_valid_id(target) and not executor.pipelines.exists_now(target):
-        from .examples import example
-
-        document = example(target)
-        if document is not None:
-            return target, document
     return target, None
 
 

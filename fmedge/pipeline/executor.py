@@ -103,7 +103,8 @@ class EdgeExecutor:
             return await self._run(pipeline, inputs, run_id, timeout)
 
     async def load(self, pipeline_id=None, document=None):
-        """The parsed pipeline to run: ``document`` if given, else the cached one."""
+        """The parsed pipeline: ``document`` if given, else the cached one, else a bundled
+        example of that id."""
         if document is None:
             if not pipeline_id:
                 raise UsageError("give a pipeline id or a pipeline document to run")
@@ -111,6 +112,10 @@ class EdgeExecutor:
             from ..aio import run_blocking
 
             document = await run_blocking(self.pipelines.get_now, pipeline_id)
+            if document is None:
+                from ..examples import example
+
+                document = example(pipeline_id)   # the bundled examples, when not cached
             if document is None:
                 raise NotFoundError(f"pipeline {pipeline_id} is not cached on this device: "
                                     "add it with `fm-edge add FILE` or sync it from the cloud")
