@@ -23,6 +23,7 @@ class EdgeRuntime:
         self._clock = clock
         self._pipelines = None
         self._results = None
+        self._executor = None
         self.started = False
 
     # -- stores -------------------------------------------------------------------------
@@ -60,6 +61,21 @@ class EdgeRuntime:
         return self.pipelines.get_now(pipeline_id) if is_valid_id(pipeline_id) else None
 
     @property
+    def executor(self):
+        """The one EdgeExecutor of this runtime (its limits hold across all callers)."""
+        if self._executor is None:
+            from .pipeline.executor import EdgeExecutor
+
+            self._executor = EdgeExecutor(self.config, pipelines=self.pipelines,
+                                          results=self.results, device_id=self.device_id,
+                                          **self._clock_kw())
+        return self._executor
+
+    async def run(self, pipeline_id=None, inputs=None, **options):
+        """Run a pipeline through the shared executor; see EdgeExecutor.execute."""
+        return await self.executor.execute(pipeline_id=pipeline_id, inputs=inputs, **options)
+
+    @property
     def device_id(self):
         return ensure_device_id(self.config)
 
@@ -86,6 +102,9 @@ class EdgeRuntime:
         return {"results_deleted": removed_results, "pipelines_removed": removed_pipelines}
 
     async def stop(self):
+        if self._executor is not None:
+            await self._executor.close()
+            self._executor = None
         self.close()
         self.started = False
 
