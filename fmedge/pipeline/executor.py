@@ -133,11 +133,14 @@ class EdgeExecutor:
 
     async def cancel(self, run_id):
         """Cancel a running run; True if it was running here."""
-        task = self._active.get(run_id)
-        if task is None or task.done():
+        if run_id not in self._active:
+            return False
+        task = self._active[run_id]
+        if task is not None and task.done():
             return False
         self._cancelled.add(run_id)
-        task.cancel()
+        if task is not None:
+            task.cancel()
         return True
 
     # -- slots --------------------------------------------------------------------------
@@ -160,10 +163,13 @@ class EdgeExecutor:
                          self._allowed_env(), depth)
         services = Services(self, state, result)
         run = PipelineRun(state, services, rng=self.rng, clock=self.clock)
+        self._active[run_id] = None     # cancellable from here on, even while recording
         if depth == 0:
             await self._save(result)
         task = asyncio.ensure_future(run.run())
         self._active[run_id] = task
+        if run_id in self._cancelled:
+            task.cancel()               # cancelled while its start was being recorded
         self.counters["runs"] += 1
         limit = self.config.execution_timeout if timeout is None else timeout
         try:
