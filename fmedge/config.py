@@ -103,6 +103,8 @@ FIELDS: Tuple[FieldSpec, ...] = (
     FieldSpec("api_token", "str", "Bearer token for the local HTTP API.", secret=True),
     FieldSpec("env_allowlist", "list",
               "Environment variables pipelines may read as {{env.NAME}}."),
+    FieldSpec("local_file_roots", "list",
+              "Directories the local_file component may touch (default: DATA_DIR/files)."),
 )
 FIELD_BY_NAME: Dict[str, FieldSpec] = {spec.name: spec for spec in FIELDS}
 DIR_FIELDS = {"pipeline_cache_dir": D.PIPELINE_CACHE_SUBDIR,
@@ -159,6 +161,7 @@ class EdgeConfig:
     port: int = D.DEFAULT_PORT
     api_token: str = ""
     env_allowlist: List[str] = field(default_factory=list)
+    local_file_roots: List[str] = field(default_factory=list)
     # Where each effective value came from (default/file/env/flag); not a setting.
     sources: Dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 

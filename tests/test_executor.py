@@ -310,3 +310,13 @@ def test_seed_executor_example_runs_verbatim(tmp_path):
     result = names["result"]
     assert result.status == "completed" and result.duration_ms > 0
     assert result.output["result"]["statistics"]["mean"] == 2.0
+
+
+def test_json_transform_template_reads_its_own_data(executor):
+    document = pipeline(stage("shape", "json_transform", data={"items": "{{input.items}}"},
+                              template={"count": "{{len(data.items)}}",
+                                        "first": "{{data.items[0]}}",
+                                        "channel": "{{input.channel or 'web'}}"}))
+    result = run(executor, document, {"items": ["a", "b"]})
+    assert result.status == "completed", result.error
+    assert result.output == {"count": 2, "first": "a", "channel": "web"}

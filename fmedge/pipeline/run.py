@@ -279,14 +279,20 @@ class PipelineRun:
 
     # -- inputs -------------------------------------------------------------------------
 
-    def _scope(self, stage, upstream, loop_vars):
+    def _scope(self, stage, upstream, loop_vars, extra=None):
         return template.TemplateScope(
             input=self.state.pipeline_input, upstream=upstream, env=self.state.env,
-            context=self.state.context(stage.id, loop_vars), clock=self.clock)
+            context=self.state.context(stage.id, loop_vars), clock=self.clock, extra=extra)
 
     def _inputs(self, stage, spec, upstream, loop_vars):
+        late = spec.late_inputs or {}
+        early = {k: v for k, v in stage.inputs.items() if k not in late}
         try:
-            resolved = template.resolve(stage.inputs, self._scope(stage, upstream, loop_vars))
+            resolved = template.resolve(early, self._scope(stage, upstream, loop_vars))
+            for name, names_from in late.items():
+                if name in stage.inputs:
+                    scope = self._scope(stage, upstream, loop_vars, names_from(resolved))
+                    resolved[name] = template.resolve(stage.inputs[name], scope)
         except ExpressionError as error:   # TemplateError included
             raise MappingError(f"stage {stage.id}: {error}") from error
         return apply_fields(stage, spec.fields, resolved)

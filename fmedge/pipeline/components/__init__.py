@@ -8,11 +8,12 @@ _LOADED = False
 _MODULES = ("data", "transform", "net", "llm", "control")
 
 
-def component(type_name, fields=None, blocking=False, resolve_inputs=True):
+def component(type_name, fields=None, blocking=False, resolve_inputs=True,
+              late_inputs=None):
     """Decorator: register ``run`` as the implementation of ``type_name``."""
     def register(run):
         _REGISTRY[type_name] = ComponentSpec(type_name, run, dict(fields or {}), blocking,
-                                             resolve_inputs)
+                                             resolve_inputs, late_inputs)
         return run
     return register
 

@@ -44,6 +44,10 @@ class ComponentSpec:
     blocking: bool = False
     # When False, the executor passes inputs unresolved (control flow resolves per item).
     resolve_inputs: bool = True
+    # Inputs resolved after the others, with extra template names computed from them:
+    # {field: function(resolved_inputs) -> {name: value}} (json_transform's `template`
+    # reads its own `data` as {{data...}}).
+    late_inputs: Optional[Dict[str, Callable]] = None
 
 
 class ComponentError(ExecutionError):
