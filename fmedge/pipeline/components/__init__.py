@@ -36,11 +36,7 @@ def _load():
     from importlib import import_module
 
     for name in _MODULES:
-        try:
-            import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
+        import_module(f"{__name__}.{name}")
     _LOADED = True
 
 
