@@ -22,13 +22,14 @@ import uuid
 from ..config import EdgeConfig
 from ..errors import BusyError, FmEdgeError, NotFoundError, UsageError
 from ..ids import validate_id
-from .document import parse_pipeline
+from .document import canonical_json, parse_pipeline
 from .inputs import apply_input_schema
 from .result import CANCELLED, COMPLETED, RUN_FAILED, SUCCESS, TIMEOUT, ExecutionResult
 from .run import PipelineRun, RunState, StageFailure, reference_error_name
 from .services import Services
 
 log = logging.getLogger("fmedge.executor")
+_PARSED_CACHE_SIZE = 64    # parsed pipelines kept per executor
 
 
 class EdgeExecutor:
@@ -51,6 +52,7 @@ class EdgeExecutor:
         self._slots = None
         self.counters = {"runs": 0, "retries": 0, "rejected_busy": 0}
         self._adapters = {}
+        self._parsed = {}
 
     # -- stores (opened on first use, from the config) ---------------------------------
 
@@ -119,11 +121,26 @@ class EdgeExecutor:
             if document is None:
                 raise NotFoundError(f"pipeline {pipeline_id} is not cached on this device: "
                                     "add it with `fm-edge add FILE` or sync it from the cloud")
-        pipeline = parse_pipeline(document, pipeline_id=pipeline_id,
-                                  lookup=self._lookup_parent)
+        pipeline = self._parse(document, pipeline_id)
         if pipeline.abstract:
             raise UsageError(f"pipeline {pipeline.id} is abstract: it can only be extended; "
                              "run a pipeline that extends it")
+        return pipeline
+
+    def _parse(self, document, pipeline_id):
+        """Parse and validate, reusing the result for an identical document: a device
+        runs the same few pipelines over and over."""
+        if not isinstance(document, dict) or document.get("extends"):
+            # A child's meaning depends on its parents, which may change: parse anew.
+            return parse_pipeline(document, pipeline_id=pipeline_id,
+                                  lookup=self._lookup_parent)
+        key = (pipeline_id, canonical_json(document))
+        pipeline = self._parsed.get(key)
+        if pipeline is None:
+            pipeline = parse_pipeline(document, pipeline_id=pipeline_id)
+            if len(self._parsed) >= _PARSED_CACHE_SIZE:
+                self._parsed.pop(next(iter(self._parsed)))
+            self._parsed[key] = pipeline
         return pipeline
 
     def _lookup_parent(self, parent_id):

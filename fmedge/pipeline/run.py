@@ -123,6 +123,9 @@ class PipelineRun:
                 break
             snapshot = dict(self.upstream)
             stages = [self.pipeline.stage(stage_id) for stage_id in wave]
+            if len(stages) == 1:        # nothing to run beside it: no task needed
+                await self._dag_stage(stages[0], snapshot)
+                continue
             outcomes = await asyncio.gather(
                 *(self._dag_stage(stage, snapshot) for stage in stages),
                 return_exceptions=True)
@@ -249,6 +252,10 @@ class PipelineRun:
                                usage=record.usage)
         timeout_s = stage.effective_timeout_ms / 1000.0
         try:
+            if not (spec.blocking or spec.is_async):
+                # A quick pure operator runs inline: a timer cannot interrupt it anyway,
+                # and a task per call would cost more than most of these components.
+                return spec.run(context)
             return await asyncio.wait_for(self._call(spec, context), timeout_s)
         except asyncio.TimeoutError:
             raise StageTimeoutError(f"stage {stage.id} timed out after "
@@ -261,7 +268,7 @@ class PipelineRun:
                                  f"{type(exc).__name__}: {exc}") from exc
 
     async def _call(self, spec, context):
-        if asyncio.iscoroutinefunction(spec.run):
+        if spec.is_async:
             output = await spec.run(context)
         elif spec.blocking:
             loop = asyncio.get_running_loop()
@@ -318,10 +325,13 @@ def apply_fields(stage, fields, resolved):
                 raise MappingError(f"stage {stage.id}: input '{name}' is required; add it to "
                                    "the stage's config or input_mapping")
             inputs[name] = spec.default_value()
+        elif value is None and spec.type.endswith("?"):
             continue
-        if value is None and spec.type.endswith("?"):
-            continue
-        inputs[name] = _coerced(stage, name, spec.type, value)
+        elif spec.type == "any?" or (spec.type == "any" and value is not None):
+            if isinstance(value, str):
+                inputs[name] = value.strip()
+        else:
+            inputs[name] = _coerced(stage, name, spec.type, value)
     return inputs
 
 

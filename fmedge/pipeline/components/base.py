@@ -10,6 +10,7 @@ Errors: raise :class:`ComponentError` (``retryable=True`` for transient failures
 a connection refused); the executor names the stage and applies retries/on_error.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -48,6 +49,17 @@ class ComponentSpec:
     # {field: function(resolved_inputs) -> {name: value}} (json_transform's `template`
     # reads its own `data` as {{data...}}).
     late_inputs: Optional[Dict[str, Callable]] = None
+
+    @property
+    def is_async(self):
+        return _is_coroutine_function(self.run)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_coroutine_function(function):
+    import asyncio
+
+    return asyncio.iscoroutinefunction(function)
 
 
 class ComponentError(ExecutionError):
