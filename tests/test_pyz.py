@@ -81,3 +81,18 @@ def test_pip_install_gives_a_working_command(tmp_path):
     status = run_cli("--data-dir", str(tmp_path / "d"), "status", "--json",
                      command=[fm_edge], cwd=str(tmp_path))
     assert status.code == 0 and json.loads(status.out)["results"]["pending"] == 0
+
+
+def test_slimmed_sources_keep_every_line_number():
+    import glob
+
+    sys.path.insert(0, ROOT)
+    from build_pyz import slim_source
+
+    for path in glob.glob(os.path.join(ROOT, "fmedge", "**", "*.py"), recursive=True):
+        text = open(path, encoding="utf-8").read()
+        slim = slim_source(text)
+        assert slim.count("\n") == text.count("\n"), path
+        compile(slim, path, "exec")
+        assert "#" not in "".join(line for line in slim.splitlines()
+                                  if line.lstrip().startswith("#"))
