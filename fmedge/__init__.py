@@ -15,6 +15,8 @@ _EXPORTS = {
     "FmEdgeError": "fmedge.errors",
     "EdgeExecutor": "fmedge.pipeline.executor",
     "ExecutionResult": "fmedge.pipeline.result",
+    "SyncManager": "fmedge.sync.manager",
+    "SyncStatus": "fmedge.sync.manager",
 }
 
 __all__ = ["__version__"] + sorted(_EXPORTS)

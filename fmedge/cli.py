@@ -56,7 +56,7 @@ def build_parser():
                "4 busy, 5 auth failed, 130 interrupted")
     parser.add_argument("--version", action="version", version=f"fm-edge {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in (_add_run, _add_config, _add_add, _add_list, _add_remove,
+    for register in (_add_run, _add_sync, _add_config, _add_add, _add_list, _add_remove,
                      _add_clear_cache, _add_status):
         register(commands, common)
     return parser
@@ -122,6 +122,14 @@ def _add_run(commands, common):
                           "(default: {})")
     sub.add_argument("--timeout", type=float, metavar="SECONDS",
                      help="time limit for this run (default: execution_timeout)")
+
+
+def _add_sync(commands, common):
+    sub = _command(commands, common, "sync", cmd_sync,
+                   "one sync pass with the cloud (results up, pipelines down); for cron")
+    sub.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                     help="how long to wait for another sync to finish before giving up "
+                          "with exit code 4 (default 5)")
 
 
 def _add_list(commands, common):
@@ -293,6 +301,15 @@ def cmd_run(args):
             print(f"error:    {result.error}{where}", file=sys.stderr)
         print(json.dumps(result.output, indent=2, sort_keys=True, default=str))
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def cmd_sync(args):
+    from .sync.once import sync_once
+
+    report = sync_once(make_runtime(args), wait_lock_s=args.wait)
+    emit(args, report.to_dict(), report.to_text() if hasattr(report, "to_text")
+         else report.message)
+    return report.exit_code
 
 
 def cmd_list(args):

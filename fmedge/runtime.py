@@ -24,6 +24,7 @@ class EdgeRuntime:
         self._pipelines = None
         self._results = None
         self._executor = None
+        self.sync = None           # the background SyncManager while started with auto_sync
         self.started = False
 
     # -- stores -------------------------------------------------------------------------
@@ -92,8 +93,23 @@ class EdgeRuntime:
         if recovered:
             log.warning("recovered %d runs interrupted by a previous crash", len(recovered))
         await self.maintain()
+        if self.config.auto_sync and self.config.cloud_url:
+            from .sync.manager import SyncManager
+
+            # start() only schedules the loop: becoming ready needs no network call.
+            self.sync = SyncManager.for_runtime(self)
+            await self.sync.start()
         self.started = True
         return self
+
+    async def sync_now(self):
+        """One sync pass now: through the background manager, else a locked cron pass."""
+        if self.sync is not None:
+            return await self.sync.sync_now()
+        from .aio import run_blocking
+        from .sync.once import sync_once
+
+        return (await run_blocking(sync_once, self)).to_dict()
 
     async def maintain(self):
         """Periodic housekeeping: result retention and pipeline cache limits."""
@@ -102,6 +118,9 @@ class EdgeRuntime:
         return {"results_deleted": removed_results, "pipelines_removed": removed_pipelines}
 
     async def stop(self):
+        if self.sync is not None:
+            await self.sync.stop()
+            self.sync = None
         if self._executor is not None:
             await self._executor.close()
             self._executor = None

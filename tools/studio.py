@@ -577,6 +577,9 @@ class StudioHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive: devices reuse connections
     server_version = "fm-edge-studio/" + STUDIO_VERSION
     timeout = HANDLER_TIMEOUT       # a silent client cannot hold a thread forever
+    # Headers and body go out in two writes; without this a small reply waits ~40 ms on
+    # the client's delayed ACK.
+    disable_nagle_algorithm = True
 
     def do_GET(self):
         self._dispatch("GET")
