@@ -146,3 +146,24 @@ def test_full_disk_is_a_clear_error(tmp_path):
                          "max_concurrent", "3")
     assert result.code == 2, result
     assert "space" in result.err and result.err.count("\n") == 1
+
+
+def test_clear_cache_asks_on_a_terminal_and_no_keeps_everything(cli, tmp_path, data_dir):
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    cli("add", write(tmp_path, "p.json", PIPELINE))
+    master, slave = pty.openpty()
+    os.write(master, b"n\n")
+    proc = subprocess.run([sys.executable, "-m", "fmedge", "--data-dir", data_dir,
+                           "clear-cache", "--pipelines"], stdin=slave,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, env=clean_env(), timeout=60)
+    os.close(master)
+    os.close(slave)
+    assert proc.returncode == 2 and "Delete cached pipelines" in proc.stderr
+    assert "nothing deleted" in proc.stderr
+    assert [e["id"] for e in cli("list", "--json").json()] == ["sensor-stats"]
