@@ -95,6 +95,15 @@ FIELDS: Tuple[FieldSpec, ...] = (
               env="FLOWMASON_LLM_MODEL"),
     FieldSpec("llm_base_url", "url",
               "Backend URL; empty = the backend's default (OLLAMA_HOST for ollama)."),
+    FieldSpec("llm_api_key", "str", "Bearer key for an OpenAI-compatible server (openai).",
+              secret=True),
+    FieldSpec("llm_threads", "int", "CPU threads for llama.cpp; 0 = all cores but one.",
+              minimum=0, maximum=256),
+    FieldSpec("llm_context", "int", "llama.cpp context size in tokens (n_ctx).",
+              minimum=128, maximum=1048576),
+    FieldSpec("llm_gpu_layers", "int",
+              "Layers llama.cpp offloads to a GPU (Jetson: -1 = all, 0 = CPU only).",
+              minimum=-1, maximum=10000),
     FieldSpec("device_id", "str", "This device's id; generated once and kept."),
     FieldSpec("device_name", "str", "Human name shown in the Studio (default: host name)."),
     FieldSpec("host", "str", "Address the local HTTP API binds."),
@@ -155,6 +164,10 @@ class EdgeConfig:
     llm_backend: str = D.DEFAULT_LLM_BACKEND
     llm_model: str = D.DEFAULT_LLM_MODEL
     llm_base_url: str = D.DEFAULT_LLM_BASE_URL
+    llm_api_key: str = ""
+    llm_threads: int = D.DEFAULT_LLM_THREADS
+    llm_context: int = D.DEFAULT_LLM_CONTEXT
+    llm_gpu_layers: int = D.DEFAULT_LLM_GPU_LAYERS
     device_id: str = ""
     device_name: str = ""
     host: str = D.DEFAULT_HOST

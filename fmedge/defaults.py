@@ -45,6 +45,11 @@ LLM_BACKENDS = ("ollama", "llamacpp", "openai")
 DEFAULT_LLM_BACKEND = "ollama"     # seed
 DEFAULT_LLM_MODEL = "llama2"       # seed
 DEFAULT_LLM_BASE_URL = ""          # empty: the backend's own default (OLLAMA_HOST rules)
+# 0 = all cores but one: llama.cpp slows down 6-40x when a thread shares its core with
+# the rest of the device (measured on 2 cores, llm-backends bench).
+DEFAULT_LLM_THREADS = 0
+DEFAULT_LLM_CONTEXT = 2048         # tokens; small models on a Pi rarely need more
+DEFAULT_LLM_GPU_LAYERS = 0         # CPU only unless configured (Jetson: -1)
 
 # -- Local HTTP API --------------------------------------------------------------------
 DEFAULT_HOST = "127.0.0.1"         # loopback only unless an api_token is set

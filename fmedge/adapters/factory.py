@@ -21,12 +21,22 @@ def create_adapter(config, model=None):
             raise ConfigError("llm_backend is openai but llm_base_url is empty: set it to the "
                               "server's URL, e.g. `fm-edge config set llm_base_url "
                               "http://127.0.0.1:8000`")
-        return OpenAIAdapter(base_url=config.llm_base_url, model=name)
+        return OpenAIAdapter(base_url=config.llm_base_url, model=name,
+                             api_key=config.llm_api_key or None)
     if backend == "llamacpp":
         from .llamacpp import LlamaCppAdapter
 
-        return LlamaCppAdapter(model_path=model_path(config, name))
+        return LlamaCppAdapter(model_path=model_path(config, name), n_ctx=config.llm_context,
+                               n_threads=llama_threads(config),
+                               n_gpu_layers=config.llm_gpu_layers)
     raise ConfigError(f"unknown llm_backend {backend!r}: use ollama, llamacpp or openai")
+
+
+def llama_threads(config):
+    """The configured thread count, or all cores but one (at least one)."""
+    if config.llm_threads:
+        return config.llm_threads
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def model_path(config, name):
