@@ -30,7 +30,7 @@ def main(argv=None):
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    _setup_logging(args.log_level)
+    _setup_logging(args)
     try:
         return args.handler(args) or EXIT_OK
     except FmEdgeError as exc:
@@ -75,6 +75,8 @@ def _common_options(defaults=False):
                         help="print machine-readable JSON")
     common.add_argument("--log-level", default=default("warning"),
                         choices=("debug", "info", "warning", "error"), help="log verbosity")
+    common.add_argument("--log-format", default=default("text"), choices=("text", "json"),
+                        help="log lines as text or one JSON object per line")
     return common
 
 
@@ -198,11 +200,10 @@ def _print_error(args, exc):
         print(f"fm-edge: error: {exc}", file=sys.stderr)
 
 
-def _setup_logging(level):
-    import logging
+def _setup_logging(args, log_dir=None, secrets=()):
+    from .logs import setup_logging
 
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="fm-edge: %(levelname)s: %(message)s")
+    return setup_logging(args.log_level, args.log_format, log_dir=log_dir, secrets=secrets)
 
 
 def confirm(question, args):

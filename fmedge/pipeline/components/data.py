@@ -442,9 +442,10 @@ def logger(ctx):
     message = inputs.get("message") or ""
     extra = {key: inputs[key] for key in ("data", "tags") if inputs.get(key) is not None}
     log_id = _log_id(ctx, level, message, extra)
-    log.log(getattr(logging, level.upper()), "[%s] %s", log_id, message)
     if inputs.get("emit_to_trace", True):
-        ctx.log(level, message, log_id=log_id, **extra)
+        ctx.log(level, message, log_id=log_id, **extra)   # the run's log, and the log file
+    else:
+        log.log(getattr(logging, level.upper()), "[%s] %s", log_id, message)
     return {"logged": True, "log_id": log_id, "passthrough": inputs.get("passthrough")}
 
 
