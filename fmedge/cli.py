@@ -56,8 +56,9 @@ def build_parser():
                "4 busy, 5 auth failed, 130 interrupted")
     parser.add_argument("--version", action="version", version=f"fm-edge {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in (_add_run, _add_sync, _add_config, _add_add, _add_list, _add_remove,
-                     _add_clear_cache, _add_status):
+    for register in (_add_serve, _add_start, _add_stop, _add_status, _add_run, _add_sync,
+                     _add_config, _add_add, _add_list, _add_remove, _add_clear_cache,
+                     _add_models, _add_doctor, _add_export, _add_import):
         register(commands, common)
     return parser
 
@@ -114,6 +115,79 @@ def _add_add(commands, common):
                      help="pipeline id (default: the document's 'id', else the file name)")
 
 
+def _add_serve(commands, common):
+    sub = _command(commands, common, "serve", cmd_serve,
+                   "run the local HTTP API in the foreground (systemd, Docker)")
+    _bind_options(sub)
+
+
+def _bind_options(sub):
+    sub.add_argument("--host", help="address to bind (default: the host setting, 127.0.0.1)")
+    sub.add_argument("--port", type=int, help="port to bind (default: the port setting, 8080)")
+
+
+def _add_start(commands, common):
+    sub = _command(commands, common, "start", cmd_start,
+                   "start the runtime and HTTP API in the background (pidfile and log file "
+                   "in the data dir)")
+    _bind_options(sub)
+    sub.add_argument("--foreground", action="store_true", help="same as `serve`")
+
+
+def _add_stop(commands, common):
+    sub = _command(commands, common, "stop", cmd_stop,
+                   "stop the background runtime: running runs finish or are interrupted "
+                   "within the grace period")
+    sub.add_argument("--force", action="store_true", help="kill at once (SIGKILL)")
+    sub.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
+                     help="how long to wait before killing (default 20)")
+
+
+def _add_models(commands, common):
+    sub = _command(commands, common, "models", None, "list, import, download or remove models")
+    actions = sub.add_subparsers(dest="action", metavar="ACTION", required=True)
+    lister = actions.add_parser("list", parents=[common], help="cached models (and the "
+                                "backend's, for ollama/openai)")
+    lister.set_defaults(handler=cmd_models_list)
+    adder = actions.add_parser("add", parents=[common],
+                               help="import a GGUF file (e.g. from a USB stick)")
+    adder.add_argument("file")
+    adder.add_argument("--name", help="model name (default: the file name without .gguf)")
+    adder.set_defaults(handler=cmd_models_add)
+    puller = actions.add_parser("pull", parents=[common],
+                                help="download a model from the cloud (or --url); with the "
+                                     "ollama backend, ask Ollama to pull it")
+    puller.add_argument("name")
+    puller.add_argument("--url", help="download from this URL instead of the cloud")
+    puller.add_argument("--sha256", help="expected sha256 of the file (for --url)")
+    puller.set_defaults(handler=cmd_models_pull)
+    remover = actions.add_parser("rm", parents=[common], help="remove a cached model")
+    remover.add_argument("name")
+    remover.set_defaults(handler=cmd_models_rm)
+
+
+def _add_doctor(commands, common):
+    _command(commands, common, "doctor", cmd_doctor,
+             "check the LLM backend, models, llama-cpp-python, data dir, disk and cloud")
+
+
+def _add_export(commands, common):
+    sub = _command(commands, common, "export", cmd_export,
+                   "write an air-gapped bundle: pipelines, models, results; signed with "
+                   "bundle_key when set")
+    sub.add_argument("bundle", metavar="BUNDLE")
+    sub.add_argument("--pipelines", metavar="IDS", help="comma-separated ids (default: all)")
+    sub.add_argument("--models", metavar="NAMES", help="comma-separated model names")
+    sub.add_argument("--results", action="store_true",
+                     help="include results not yet synced (for tools/studio.py import-bundle)")
+
+
+def _add_import(commands, common):
+    sub = _command(commands, common, "import", cmd_import,
+                   "verify a bundle completely, then install its pipelines and models")
+    sub.add_argument("bundle", metavar="BUNDLE")
+
+
 def _add_run(commands, common):
     sub = _command(commands, common, "run", cmd_run,
                    "run a pipeline on this device and print its result")
@@ -158,7 +232,7 @@ def _add_clear_cache(commands, common):
 
 def _add_status(commands, common):
     _command(commands, common, "status", cmd_status,
-             "data dir, cached pipelines, results waiting to sync, disk free")
+             "daemon, data dir, cached pipelines, results waiting to sync, disk free")
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -213,6 +287,17 @@ def confirm(question, args):
     sys.stderr.write(f"{question} [y/N] ")
     sys.stderr.flush()
     return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _daemon_line(daemon):
+    if not daemon["running"]:
+        return "daemon:        not running (start it with `fm-edge start`)"
+    health = daemon.get("health") or {}
+    checks = health.get("checks") or {}
+    sync = checks.get("sync") or {}
+    online = sync.get("state") or ("error" if "error" in health else "no cloud")
+    return (f"daemon:        running, pid {daemon['pid']}, {daemon['url']}, up "
+            f"{daemon['uptime_s']:.0f} s, sync {online}")
 
 
 def _human_bytes(count):
@@ -284,6 +369,137 @@ def cmd_add(args):
                for pipeline_id, document, _ in documents]
     emit(args, entries, [f"added {e['id']} (version {e['version']}, "
                          f"sha256 {e['sha256'][:12]})" for e in entries])
+
+
+def cmd_models_list(args):
+    from .cache.models import list_models
+
+    report = list_models(load_config(args))
+    lines = [f"{'NAME':<28} {'SIZE':>10}  {'SHA256':<14} LAST USED"]
+    lines += [f"{m['name']:<28} {_human_bytes(m['size']):>10}  "
+              f"{(m.get('sha256') or '?')[:12]:<14} "
+              f"{_when(m['last_used']) if m.get('last_used') else '-'}"
+              for m in report["models"]]
+    if report.get("backend_models") is not None:
+        lines.append(f"{report['backend']} has: " + (", ".join(report["backend_models"])
+                                                      or "no models"))
+    if report.get("backend_error"):
+        lines.append(f"{report['backend']}: {report['backend_error']}")
+    emit(args, report, lines)
+
+
+def cmd_models_add(args):
+    from .cache.models import add_model
+
+    entry = add_model(load_config(args), args.file, name=args.name,
+                      progress=False if args.json else None)
+    emit(args, entry, f"added model {entry['name']} ({_human_bytes(entry['size'])}, "
+                      f"sha256 {entry['sha256'][:12]})")
+
+
+def cmd_models_pull(args):
+    from .cache.models import pull_model
+
+    entry = pull_model(load_config(args), args.name, url=args.url, sha256=args.sha256,
+                       progress=False if args.json else None)
+    emit(args, entry, f"model {entry['name']} is ready")
+
+
+def cmd_models_rm(args):
+    from .cache.models import remove_model
+
+    emit(args, remove_model(load_config(args), args.name), f"removed model {args.name}")
+
+
+def cmd_doctor(args):
+    from .doctor import doctor_report, exit_code, format_report
+
+    report = doctor_report(load_config(args))
+    emit(args, report, format_report(report))
+    return exit_code(report)
+
+
+def cmd_export(args):
+    from .bundle import export_bundle
+
+    def ids(text):
+        return [item.strip() for item in text.split(",") if item.strip()] if text else None
+
+    report = export_bundle(make_runtime(args), args.bundle, pipelines=ids(args.pipelines),
+                           models=ids(args.models) or None, results=args.results)
+    emit(args, report, f"wrote {report['bundle']}: {len(report['pipelines'])} pipelines, "
+                       f"{len(report['models'])} models, "
+                       f"{(report['results'] or {}).get('count', 0)} results, "
+                       f"{'signed' if report['signed'] else 'unsigned'}")
+
+
+def cmd_import(args):
+    from .bundle import import_bundle
+
+    report = import_bundle(make_runtime(args), args.bundle)
+    lines = [f"{p['id']} {p['version']}: {p['status']}" for p in report["pipelines"]]
+    lines += [f"model {m['name']}: {m['status']}" for m in report["models"]]
+    emit(args, report, lines or "nothing to import")
+
+
+def cmd_serve(args):
+    from . import daemon
+    from .server import serve
+
+    config = load_config(args)
+    runtime = _runtime_for(config)
+    _setup_logging(args, log_dir=os.path.join(config.data_dir, "logs"),
+                   secrets=(config.api_key, config.api_token, config.llm_api_key))
+
+    def ready(host, port):
+        daemon.claim_pidfile(config, host, port)
+        print(f"fm-edge: serving on http://{host}:{port} (data dir {config.data_dir})",
+              file=sys.stderr, flush=True)
+
+    try:
+        return serve(runtime, args.host, args.port, on_ready=ready)
+    finally:
+        daemon.release_pidfile(config)
+
+
+def _runtime_for(config):
+    from .runtime import EdgeRuntime
+
+    return EdgeRuntime(config)
+
+
+def cmd_start(args):
+    if args.foreground:
+        return cmd_serve(args)
+    from . import daemon
+
+    config = load_config(args)
+    options = ["--data-dir", config.data_dir, "--log-level", args.log_level,
+               "--log-format", args.log_format]
+    for item in args.overrides:
+        options += ["--set", item]
+    serve = daemon.serve_command(options)
+    if args.host:
+        serve += ["--host", args.host]
+    if args.port is not None:
+        serve += ["--port", str(args.port)]
+    logs = os.path.join(config.data_dir, "logs")
+    # The daemon logs to fm-edge.log itself (rotated); fm-edge.out catches anything a
+    # crash prints before logging is set up.
+    info = daemon.start_background(config, serve, os.path.join(logs, "fm-edge.out"))
+    url = f"http://{info['host']}:{info['port']}"
+    log_path = os.path.join(logs, "fm-edge.log")
+    emit(args, dict(info, url=url, log=log_path, owner=None),
+         f"fm-edge started (pid {info['pid']}) on {url}; log: {log_path}")
+
+
+def cmd_stop(args):
+    from . import daemon
+
+    report = daemon.stop_daemon(load_config(args), timeout_s=args.timeout, force=args.force)
+    text = (f"fm-edge stopped (pid {report['pid']})" if report["stopped"]
+            else "fm-edge is not running")
+    emit(args, report, text)
 
 
 def cmd_run(args):
@@ -360,9 +576,13 @@ def cmd_clear_cache(args):
 
 
 def cmd_status(args):
-    status = make_runtime(args).status()
+    from .daemon import daemon_status
+
+    runtime = make_runtime(args)
+    status = runtime.status()
+    status["daemon"] = daemon_status(runtime.config)
     results = status["results"]
-    lines = [
+    lines = [_daemon_line(status["daemon"]),
         f"data dir:      {status['data_dir']}",
         f"device id:     {status['device_id']}",
         f"cloud:         {status['cloud_url'] or 'not configured (offline only)'}",

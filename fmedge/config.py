@@ -110,6 +110,8 @@ FIELDS: Tuple[FieldSpec, ...] = (
     FieldSpec("port", "int", "Port of the local HTTP API (0 = any free port).",
               minimum=0, maximum=65535),
     FieldSpec("api_token", "str", "Bearer token for the local HTTP API.", secret=True),
+    FieldSpec("bundle_key", "str", "HMAC-SHA256 key signing exported bundles; when set, "
+              "import refuses unsigned or wrongly signed ones.", secret=True),
     FieldSpec("env_allowlist", "list",
               "Environment variables pipelines may read as {{env.NAME}}."),
     FieldSpec("local_file_roots", "list",
@@ -173,6 +175,7 @@ class EdgeConfig:
     host: str = D.DEFAULT_HOST
     port: int = D.DEFAULT_PORT
     api_token: str = ""
+    bundle_key: str = ""
     env_allowlist: List[str] = field(default_factory=list)
     local_file_roots: List[str] = field(default_factory=list)
     # Where each effective value came from (default/file/env/flag); not a setting.

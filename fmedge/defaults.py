@@ -40,6 +40,10 @@ RESULT_STORE_FULL_POLICIES = ("reject_new", "drop_oldest")
 # Bytes the store keeps free on the filesystem, whatever the cap says.
 DEFAULT_MIN_FREE_DISK_MB = 16
 
+# Seconds between housekeeping passes of a running runtime (result retention, pipeline
+# cache TTL and size cap): hourly is plenty for day-granularity limits.
+DEFAULT_MAINTENANCE_INTERVAL_S = 3600
+
 # -- LLM -------------------------------------------------------------------------------
 LLM_BACKENDS = ("ollama", "llamacpp", "openai")
 DEFAULT_LLM_BACKEND = "ollama"     # seed

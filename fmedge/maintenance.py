@@ -1,9 +1,6 @@
 """Clearing caches: the one implementation behind `fm-edge clear-cache` and the API."""
 
 import logging
-import os
-
-from .fsutil import storage_error
 
 log = logging.getLogger("fmedge.maintenance")
 
@@ -14,7 +11,9 @@ def clear_cache(runtime, kinds, include_pending=False):
     if "pipelines" in kinds:
         report["pipelines"] = runtime.pipelines.clear()
     if "models" in kinds:
-        report["models"] = clear_model_files(runtime.config.model_cache_dir)
+        from .cache.models import clear_models
+
+        report["models"] = len(clear_models(runtime.config)["removed"])
     if "results" in kinds:
         report["results"] = runtime.results.clear(include_pending=include_pending)
         if not include_pending:
@@ -23,16 +22,3 @@ def clear_cache(runtime, kinds, include_pending=False):
     return report
 
 
-def clear_model_files(model_dir):
-    """Remove every file in the model cache directory; returns how many."""
-    if not os.path.isdir(model_dir):
-        return 0
-    removed = 0
-    for entry in os.scandir(model_dir):
-        if entry.is_file(follow_symlinks=False) or entry.is_symlink():
-            try:
-                os.unlink(entry.path)
-            except OSError as exc:
-                raise storage_error(exc, entry.path) from exc
-            removed += 1
-    return removed

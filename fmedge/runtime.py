@@ -25,6 +25,7 @@ class EdgeRuntime:
         self._results = None
         self._executor = None
         self.sync = None           # the background SyncManager while started with auto_sync
+        self._housekeeping = None  # the periodic maintenance task while started
         self.started = False
 
     # -- stores -------------------------------------------------------------------------
@@ -93,6 +94,9 @@ class EdgeRuntime:
         if recovered:
             log.warning("recovered %d runs interrupted by a previous crash", len(recovered))
         await self.maintain()
+        import asyncio
+
+        self._housekeeping = asyncio.ensure_future(self._maintain_periodically())
         if self.config.auto_sync and self.config.cloud_url:
             from .sync.manager import SyncManager
 
@@ -111,6 +115,20 @@ class EdgeRuntime:
 
         return (await run_blocking(sync_once, self)).to_dict()
 
+    async def _maintain_periodically(self, interval=None):
+        import asyncio
+
+        from .defaults import DEFAULT_MAINTENANCE_INTERVAL_S
+        from .errors import FmEdgeError
+
+        while True:
+            await asyncio.sleep(interval or DEFAULT_MAINTENANCE_INTERVAL_S)
+            try:
+                report = await self.maintain()
+                log.info("housekeeping: %s", report)
+            except FmEdgeError as error:   # a full disk must not end the daemon
+                log.error("housekeeping failed: %s", error)
+
     async def maintain(self):
         """Periodic housekeeping: result retention and pipeline cache limits."""
         removed_results = await self.results.cleanup()
@@ -118,6 +136,9 @@ class EdgeRuntime:
         return {"results_deleted": removed_results, "pipelines_removed": removed_pipelines}
 
     async def stop(self):
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            self._housekeeping = None
         if self.sync is not None:
             await self.sync.stop()
             self.sync = None

@@ -137,9 +137,13 @@ def test_max_concurrent_queue_and_busy(tmp_path):
         await wait_until(lambda: executor.running == 1 and executor.queue_depth == 1)
         with pytest.raises(BusyError, match="max_concurrent=1"):
             await executor.execute(document=doc(generator()), inputs={"topic": "3"})
-        assert executor.results.get_now("second") is None   # waiting: not started
+        # Queued, not started, but already on disk: an accepted run is never lost.
+        def status(run_id):
+            return (executor.results.get_now(run_id) or {}).get("status")
+
+        await wait_until(lambda: status("second") == "pending")
         await executor.cancel("first")
-        await wait_until(lambda: executor.results.get_now("second") is not None)
+        await wait_until(lambda: status("second") == "running")
         await executor.cancel("second")
         return await first, await second
 

@@ -19,6 +19,7 @@ Admin (works while the server runs: SQLite WAL lets both processes share the fil
     python3 tools/studio.py push FILE [--id ID] [--db studio.db]
     python3 tools/studio.py delete ID [--db studio.db]
     python3 tools/studio.py add-model NAME FILE [--db studio.db]
+    python3 tools/studio.py import-bundle BUNDLE [--key KEY] [--json] [--db studio.db]
     python3 tools/studio.py pipelines [--json] [--db studio.db]
     python3 tools/studio.py results [--json] [--db studio.db]
     python3 tools/studio.py devices [--json] [--db studio.db]
@@ -40,9 +41,11 @@ import socket
 import sqlite3
 import ssl
 import sys
+import tarfile
 import tempfile
 import threading
 import urllib.parse
+import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -1041,6 +1044,86 @@ def serve_in_thread(db_path, api_key, host="127.0.0.1", port=0, tls_cert=None, t
 
 
 # ============================================================================================
+# Bundles: results carried from an air-gapped device (fm-edge export --results)
+# ============================================================================================
+
+def import_bundle(store, path, key=None):
+    """Ingest the results of an fm-edge bundle exactly as if the device had uploaded them.
+
+    The bundle is checked first (manifest, HMAC-SHA256 signature when ``key`` is given,
+    the results member's size and sha256; links and unlisted members refused); then its
+    results go through ``ingest_results`` in batches, so they are de-duplicated by run_id
+    against everything uploaded or imported before. Each import uses fresh Idempotency-Keys:
+    importing the same bundle again answers "duplicate" rather than replaying "accepted".
+    Pipelines and models in the bundle are for devices and are ignored here.
+    """
+    manifest, results = _bundle_results(path, key)
+    device_id = manifest.get("device_id")
+    if not isinstance(device_id, str) or not _DEVICE_ID_RE.match(device_id):
+        raise StudioError(400, "invalid_bundle", "bundle %s names no valid device_id" % path)
+    lines = [line for line in results.splitlines() if line.strip()]
+    total = {"accepted": [], "duplicate": [], "rejected": []}
+    run = uuid.uuid4().hex
+    for start in range(0, len(lines), MAX_BATCH_RESULTS):
+        items = []
+        for line in lines[start:start + MAX_BATCH_RESULTS]:
+            try:
+                items.append(strict_json_loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                items.append(None)   # rejected by ingest_results as "not a JSON object"
+        key_name = "bundle-import-%s-%d" % (run, start // MAX_BATCH_RESULTS)
+        answer, _ = store.ingest_results(device_id, key_name, hashlib.sha256(
+            b"\n".join(lines[start:start + MAX_BATCH_RESULTS])).hexdigest(), items)
+        for name in total:
+            total[name].extend(answer[name])
+    return {"bundle": os.path.abspath(path), "device_id": device_id, "results": len(lines),
+            "accepted": len(total["accepted"]), "duplicate": len(total["duplicate"]),
+            "rejected": total["rejected"]}
+
+
+def _bundle_results(path, key):
+    """(manifest, bytes of results/results.jsonl) after checking what they rest on."""
+    def refuse(problem):
+        return StudioError(400, "invalid_bundle", "bundle %s refused: %s" % (path, problem))
+
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            members = iter(tar)
+            head = next(members, None)
+            if head is None or head.name != "manifest.json" or not head.isreg() or \
+                    head.size > 16 * 1024 * 1024:
+                raise refuse("its first member must be manifest.json")
+            manifest_bytes = tar.extractfile(head).read()
+            manifest = strict_json_loads(manifest_bytes.decode("utf-8"))
+            listed = {m["path"]: m for m in manifest["members"]}
+            signature, results = None, None
+            for member in members:
+                if member.name == "manifest.sig" and signature is None and member.isreg():
+                    signature = tar.extractfile(member).read(256).decode("ascii", "replace")
+                    continue
+                expected = listed.get(member.name)
+                if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or \
+                        expected is None or member.size != expected["size"]:
+                    raise refuse("the member %r is not a plain file listed in its manifest "
+                                 "with that size" % member.name)
+                if member.name == "results/results.jsonl":
+                    results = tar.extractfile(member).read()
+                    if hashlib.sha256(results).hexdigest() != expected["sha256"]:
+                        raise refuse("results/results.jsonl does not match its sha256")
+    except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError, KeyError, TypeError,
+            UnicodeDecodeError) as exc:
+        raise refuse("it is damaged or not an fm-edge bundle (%s)" % exc)
+    if key:
+        wanted = "hmac-sha256:" + hmac.new(key.encode("utf-8"), manifest_bytes,
+                                           hashlib.sha256).hexdigest()
+        if signature is None or not hmac.compare_digest(signature.strip(), wanted):
+            raise refuse("its signature is missing or does not match --key")
+    if results is None:
+        raise refuse("it holds no results: export it with `fm-edge export BUNDLE --results`")
+    return manifest, results
+
+
+# ============================================================================================
 # Command line
 # ============================================================================================
 
@@ -1069,6 +1152,13 @@ def _build_parser():
     model = sub.add_parser("add-model", parents=[db_opt], help="add or replace a model file")
     model.add_argument("name")
     model.add_argument("file")
+    bundle = sub.add_parser("import-bundle", parents=[db_opt],
+                            help="ingest the results of an fm-edge bundle (air-gapped devices)")
+    bundle.add_argument("bundle")
+    bundle.add_argument("--key", default=os.environ.get("STUDIO_BUNDLE_KEY", ""),
+                        help="bundle_key the device signs with (or STUDIO_BUNDLE_KEY): "
+                        "refuse bundles not signed with it")
+    bundle.add_argument("--json", action="store_true", help="print JSON")
     for name, text in (("pipelines", "list pipelines"), ("results", "list ingested results"),
                        ("devices", "list devices")):
         listing = sub.add_parser(name, parents=[db_opt], help=text)
@@ -1124,6 +1214,12 @@ def _admin(args):
             model = store.add_model(args.name, args.file)
             print("added model %s (%d bytes, sha256 %s)" % (model["name"], model["size"],
                                                             model["sha256"]))
+        elif args.command == "import-bundle":
+            report = import_bundle(store, args.bundle, args.key or None)
+            print(json.dumps(report, indent=2, sort_keys=True) if args.json else
+                  "imported %d results from device %s: %d new, %d duplicate, %d rejected" % (
+                      report["results"], report["device_id"], report["accepted"],
+                      report["duplicate"], len(report["rejected"])))
         elif args.command == "pipelines":
             _print_rows(store.list_pipelines(), args.json,
                         ("id", "version", "revision", "deleted", "sha256"))

@@ -101,8 +101,23 @@ class EdgeExecutor:
         pipeline = await self.load(pipeline_id, document)
         inputs = apply_input_schema(pipeline, inputs)
         run_id = validate_id(run_id, "run") if run_id else uuid.uuid4().hex
-        async with self._slot(pipeline.id):
+        async with self._slot(pipeline.id, run_id, self._pending_record(pipeline, inputs,
+                                                                        run_id)):
             return await self._run(pipeline, inputs, run_id, timeout)
+
+    def _pending_record(self, pipeline, inputs, run_id):
+        """What a run that must wait for a slot writes: once a caller has been told
+        "accepted", the run is on disk (`pending`), and a crash leaves it `interrupted`
+        and a cancellation `cancelled`, never lost."""
+        def record(status, error=None):
+            result = ExecutionResult(
+                run_id=run_id, pipeline_id=pipeline.id, pipeline_version=pipeline.version,
+                status=status, error=error, inputs=inputs, started_at=self.clock(),
+                device_id=self.device_id)
+            if status != "pending":
+                result.finished_at = self.clock()
+            return self._save(result)
+        return record
 
     async def load(self, pipeline_id=None, document=None):
         """The parsed pipeline: ``document`` if given, else the cached one, else a bundled
@@ -162,8 +177,8 @@ class EdgeExecutor:
 
     # -- slots --------------------------------------------------------------------------
 
-    def _slot(self, pipeline_id):
-        return _Slot(self, pipeline_id)
+    def _slot(self, pipeline_id, run_id=None, record=None):
+        return _Slot(self, pipeline_id, record)
 
     def _semaphore(self):
         if self._slots is None:
@@ -274,22 +289,31 @@ class EdgeExecutor:
 class _Slot:
     """``async with``: wait for a run slot, or refuse at once when the queue is full."""
 
-    def __init__(self, executor, pipeline_id):
+    def __init__(self, executor, pipeline_id, record=None):
         self.executor = executor
         self.pipeline_id = pipeline_id
+        self.record = record            # record(status) -> awaitable, for a queued run
 
     async def __aenter__(self):
         executor = self.executor
         semaphore = executor._semaphore()
-        if semaphore.locked() and executor._waiting >= executor.config.max_queued_runs:
+        must_wait = semaphore.locked()
+        if must_wait and executor._waiting >= executor.config.max_queued_runs:
             executor.counters["rejected_busy"] += 1
             raise BusyError(f"busy: {executor._running} runs executing and "
                             f"{executor._waiting} waiting (max_concurrent="
                             f"{executor.config.max_concurrent}, max_queued_runs="
                             f"{executor.config.max_queued_runs}); retry shortly")
         executor._waiting += 1
+        recorded = must_wait and self.record is not None and executor.record
         try:
+            if recorded:
+                await self.record("pending")
             await semaphore.acquire()
+        except asyncio.CancelledError:
+            if recorded:
+                await asyncio.shield(self.record("cancelled", "cancelled while queued"))
+            raise
         finally:
             executor._waiting -= 1
         executor._running += 1

@@ -1,0 +1,290 @@
+"""HTTP API throughput and latency against a bare http.server, plus the serve process's RSS.
+
+    python3 tools/bench/bench_http.py [--duration 5] [--rounds 2] [--connections 8]
+
+Needs `wrk` (Debian/Ubuntu: `apt-get install -y wrk`). Both servers run as child processes
+on 127.0.0.1, measured in alternating rounds so drift hits both alike:
+
+- fm-edge: `fmedge.server.serve()` over a fresh data dir (what `fm-edge serve` runs);
+- baseline: a bare `ThreadingHTTPServer` handler (HTTP/1.1, keep-alive) answering the same
+  status, content type and body bytes fm-edge answered, without doing anything else
+  (one send per response and TCP_NODELAY, so it is not slowed by delayed ACKs).
+
+Figures (one JSON line each):
+- `GET /health` requests/s and p99 latency (target ratio >= 0.7 of the baseline);
+- `POST /run/three-stage?wait=true` (three json_transform stages, two durable SQLite
+  commits per run) requests/s and p99 (target ratio >= 0.5). Against canned bytes this
+  mostly measures the run itself, so a second figure compares it with the same runs
+  through the library (`runtime.run`, same concurrency and limits, its own process):
+  that ratio is the cost of the HTTP layer;
+- RSS of the serve process idle after start (target <= 30 MB) and its peak under load.
+  The serve process runs from compiled bytecode (a private pycache prefix, compiled by a
+  warm-up process), as an installed fm-edge or the pyz does, even where the environment
+  sets PYTHONDONTWRITEBYTECODE: compiling sources on import costs several MB of RSS.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.request
+
+from common import ROOT, report
+
+PIPELINE_ID = "three-stage"
+RUN_PATH = f"/run/{PIPELINE_ID}?wait=true"
+RUN_BODY = '{"x": 1}'
+
+THREE_STAGES = {"id": PIPELINE_ID, "version": "1.0.0", "stages": [
+    {"id": "a", "type": "json_transform", "config": {"data": {"x": "{{input.x}}"}}},
+    {"id": "b", "type": "json_transform", "depends_on": ["a"],
+     "config": {"data": {"y": "{{upstream.a.result.x + 1}}"}}},
+    {"id": "c", "type": "json_transform", "depends_on": ["b"],
+     "config": {"data": {"z": "{{upstream.b.result.y * 2}}"}}},
+]}
+
+SERVE = """
+import logging, sys
+from fmedge.config import EdgeConfig
+from fmedge.runtime import EdgeRuntime
+from fmedge.server import serve
+logging.basicConfig(level=logging.WARNING)
+runtime = EdgeRuntime(EdgeConfig(data_dir=sys.argv[1]))
+sys.exit(serve(runtime, "127.0.0.1", 0, on_ready=lambda host, port: print(port, flush=True)))
+"""
+
+BARE = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+health, run = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read()
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # The best a bare handler does: one send per response (buffered wfile, flushed by
+    # handle_one_request) and no Nagle delay; the stock two writes would wait ~40 ms on
+    # delayed ACKs and flatter fm-edge.
+    wbufsize = -1
+    disable_nagle_algorithm = True
+    def answer(self, body):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.answer(health)
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.answer(run)
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server.daemon_threads = True
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+LIBRARY = """
+import asyncio, sys, time
+from fmedge.config import EdgeConfig
+from fmedge.runtime import EdgeRuntime
+
+async def main(data_dir, duration, concurrency):
+    runtime = EdgeRuntime(EdgeConfig(data_dir=data_dir))
+    await runtime.start()
+    await runtime.run("%s", %s)           # warm-up: imports, parsed-pipeline cache
+    done, end = 0, time.monotonic() + duration
+
+    async def client():
+        nonlocal done
+        while time.monotonic() < end:
+            result = await runtime.run("%s", %s)
+            assert result.status == "completed", result.error
+            done += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*[client() for _ in range(concurrency)])
+    print(done / (time.monotonic() - started), flush=True)
+    await runtime.stop()
+
+asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3])))
+""" % (PIPELINE_ID, RUN_BODY, PIPELINE_ID, RUN_BODY)
+
+WARM_UP = "import fmedge.server, fmedge.runtime, fmedge.pipeline.executor, fmedge.sync.manager"
+
+POST_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+""" % RUN_BODY
+
+
+def child_env(pycache):
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONPYCACHEPREFIX=pycache)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def start(code, env, *args, quiet=False):
+    proc = subprocess.Popen([sys.executable, "-c", code] + list(args), env=env,
+                            stdout=subprocess.PIPE, universal_newlines=True,
+                            stderr=subprocess.DEVNULL if quiet else None)
+    port = int(proc.stdout.readline())
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def library_runs_per_s(env, data_dir, duration, concurrency):
+    out = subprocess.run([sys.executable, "-c", LIBRARY, data_dir, str(duration),
+                          str(concurrency)], env=env, check=True, stdout=subprocess.PIPE,
+                         universal_newlines=True).stdout
+    return float(out.split()[-1])
+
+
+def fetch(url, body=None):
+    request = urllib.request.Request(url, data=body and body.encode(), method="POST" if body
+                                     else "GET", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return answer.read()
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+class PeakRss:
+    """Samples a process's RSS every 50 ms while a load runs."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, rss_mb(self.pid))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def wrk(url, duration, connections, script=None):
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    if script:
+        argv[1:1] = ["-s", script]
+    out = subprocess.run(argv, check=True, stdout=subprocess.PIPE,
+                         universal_newlines=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = _ms(re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, p99, int(errors.group(1)) if errors else 0
+
+
+def _ms(match):
+    value, unit = float(match.group(1)), match.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def prepare(data_dir):
+    sys.path.insert(0, ROOT)
+    from fmedge.config import EdgeConfig
+    from fmedge.runtime import EdgeRuntime
+
+    runtime = EdgeRuntime(EdgeConfig(data_dir=data_dir))
+    runtime.pipelines.store_now(PIPELINE_ID, THREE_STAGES)
+    runtime.close()
+
+
+def measure(name, target, urls, args, script=None, serve_pid=None, library=None):
+    """wrk against fm-edge and the baseline in alternating rounds; ``library()`` (runs/s
+    through the library) joins each round when given. Returns the peak RSS seen."""
+    ours, bare, lib = [], [], []
+    errors = 0
+    peak = 0.0
+    for _ in range(args.rounds):
+        with PeakRss(serve_pid) as sampler:
+            rps, p99, failed = wrk(urls[0], args.duration, args.connections, script)
+        peak = max(peak, sampler.peak)
+        ours.append((rps, p99))
+        errors += failed
+        bare.append(wrk(urls[1], args.duration, args.connections, script)[:2])
+        if library is not None:
+            lib.append(library())
+    rps, base_rps = (statistics.median(r for r, _ in runs) for runs in (ours, bare))
+    p99, base_p99 = (statistics.median(p for _, p in runs) for runs in (ours, bare))
+    report(f"{name}_throughput", rps, "requests/s", baseline=base_rps,
+           baseline_name="bare ThreadingHTTPServer, same bytes", target=target,
+           connections=args.connections, duration_s=args.duration, rounds=args.rounds,
+           non_2xx=errors)
+    report(f"{name}_p99_latency", p99, "ms", baseline=base_p99,
+           baseline_name="bare ThreadingHTTPServer, same bytes")
+    if lib:
+        report(f"{name}_vs_library", rps, "requests/s", baseline=statistics.median(lib),
+               baseline_name="runtime.run() in-process, same concurrency and limits",
+               connections=args.connections)
+    return peak
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    parser.add_argument("--connections", type=int, default=8)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench_http: wrk is not installed (Debian/Ubuntu: apt-get install -y wrk)")
+    work = tempfile.mkdtemp(prefix="fmedge-bench-http-")
+    serve_proc = bare_proc = None
+    try:
+        env = child_env(os.path.join(work, "pycache"))
+        data_dir, lib_dir = os.path.join(work, "edge"), os.path.join(work, "library")
+        for folder in (data_dir, lib_dir):
+            prepare(folder)
+        subprocess.run([sys.executable, "-c", WARM_UP], env=env, check=True)
+        library_runs_per_s(env, lib_dir, 0.5, 1)      # compiles what a run imports
+        serve_proc, ours = start(SERVE, env, data_dir)
+        idle_rss = rss_mb(serve_proc.pid)
+        health, run = fetch(ours + "/health"), fetch(ours + RUN_PATH, RUN_BODY)
+        assert json.loads(run)["status"] == "completed", run
+        warm_rss = rss_mb(serve_proc.pid)
+        paths = [os.path.join(work, name) for name in ("health.json", "run.json")]
+        for path, data in zip(paths, (health, run)):
+            with open(path, "wb") as handle:
+                handle.write(data)
+        bare_proc, bare = start(BARE, env, *paths, quiet=True)
+        script = os.path.join(work, "post.lua")
+        with open(script, "w") as handle:
+            handle.write(POST_SCRIPT)
+        report("serve_idle_rss", idle_rss, "MB", target="<= 30",
+               after_first_run_mb=round(warm_rss, 2))
+        peak = measure("http_health", ">= 0.7", (ours + "/health", bare + "/health"), args,
+                       serve_pid=serve_proc.pid)
+        peak = max(peak, measure(
+            "http_run_wait", ">= 0.5", (ours + RUN_PATH, bare + RUN_PATH), args, script,
+            serve_pid=serve_proc.pid, library=lambda: library_runs_per_s(
+                env, lib_dir, args.duration, args.connections)))
+        report("serve_rss_under_load", peak, "MB", connections=args.connections)
+    finally:
+        for proc in (serve_proc, bare_proc):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
