@@ -270,7 +270,10 @@ def test_a_corrupted_download_is_reported_and_never_activated(studio, tmp_path):
 def test_an_unknown_model_and_no_cloud_are_clear_errors(studio, tmp_path):
     with pytest.raises(NotFoundError, match="no model 'nope'"):
         make_cache(tmp_path, studio.url).pull("nope")
-    offline = ModelCache(str(tmp_path / "alone"), max_size_gb=1)
+    from fmedge.config import EdgeConfig
+
+    no_cloud = EdgeConfig(data_dir=str(tmp_path / "edge"), llm_backend="llamacpp")
+    offline = ModelCache(str(tmp_path / "alone"), max_size_gb=1, config=no_cloud)
     with pytest.raises(NotFoundError, match="no cloud is configured"):
         asyncio.run(offline.ensure_model("llama2"))
     with pytest.raises(InvalidIdError):

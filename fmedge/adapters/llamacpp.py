@@ -19,6 +19,7 @@ Facts this module is built on (shared/llm-backends.md §3, measured on 0.3.36):
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -262,6 +263,21 @@ def _unload_when_free(entry):
 
 # -- the adapter -------------------------------------------------------------------------
 
+log = logging.getLogger("fmedge.llamacpp")
+
+
+def _thread_count(requested):
+    """``requested`` threads, but never more than the cores: llama.cpp threads that share
+    a core spin-wait on each other and generation slows down by 6-40x (measured)."""
+    cores = os.cpu_count() or 1
+    if not requested:
+        return cores
+    if requested > cores:
+        log.warning("n_threads=%d but this device has %d cores: using %d", requested, cores,
+                    cores)
+    return min(requested, cores)
+
+
 class LlamaCppAdapter(LocalLLMAdapter):
     """A GGUF model run in-process by llama.cpp.
 
@@ -281,7 +297,7 @@ class LlamaCppAdapter(LocalLLMAdapter):
         super().__init__(model=os.path.basename(model_path))
         self.model_path = model_path
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or os.cpu_count() or 1
+        self.n_threads = _thread_count(n_threads)
         self.n_gpu_layers = n_gpu_layers
         self.idle_unload_s = idle_unload_s
         self.verbose = verbose

@@ -74,7 +74,9 @@ class ModelCache:
                  clock=time.time, sleep=time.sleep, rng=None,
                  stall_timeout=DEFAULT_STALL_TIMEOUT_S, retries=DEFAULT_RETRIES,
                  min_free_bytes=None):
-        if cache_dir is None and config is None:
+        if config is None:
+            # The device's settings say where to download from (cloud_url) and which
+            # backend pulls (ollama); an explicit cache_dir/max_size_gb still wins.
             from ..config import EdgeConfig
             config = EdgeConfig.load()
         self.config = config
@@ -110,7 +112,9 @@ class ModelCache:
         the model instead, and its name is returned: Ollama keeps its own files.
         ``progress(done_bytes, total_bytes)`` is called from a worker thread.
         """
-        if url is None and self._backend() == "ollama":
+        # An explicit cloud client means "download from it"; otherwise the Ollama backend
+        # keeps its own models and is asked to pull.
+        if url is None and self._cloud is None and self._backend() == "ollama":
             name, _ = await self._ensure_ollama(name, progress)
             return name
         path = self.get_model_path(name)
