@@ -364,7 +364,9 @@ def cmd_add(args):
     runtime = make_runtime(args)
     # Validate every document before storing any: a bad file stores nothing.
     for pipeline_id, document, path in documents:
-        runtime.pipelines.validator(document, pipeline_id)
+        parsed = runtime.pipelines.validator(document, pipeline_id)
+        for warning in getattr(parsed, "warnings", ()):
+            print(f"fm-edge: warning: {path}: {warning}", file=sys.stderr)
     entries = [runtime.pipelines.store_now(pipeline_id, document, source="local")
                for pipeline_id, document, _ in documents]
     emit(args, entries, [f"added {e['id']} (version {e['version']}, "

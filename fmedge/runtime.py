@@ -182,7 +182,7 @@ def pipeline_validator(lookup=None):
         from .pipeline.document import validate_document
 
         check_document_shape(document, pipeline_id)
-        validate_document(document, pipeline_id=pipeline_id, lookup=lookup)
+        return validate_document(document, pipeline_id=pipeline_id, lookup=lookup)
     return validate
 
 
