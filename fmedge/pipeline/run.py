@@ -317,22 +317,50 @@ class PipelineRun:
 
 def apply_fields(stage, fields, resolved):
     """Defaults, required fields and coercion of declared inputs (semantics §2.6-2.7)."""
-    inputs = dict(resolved)
-    for name, spec in fields.items():
-        value = inputs.get(name, MISSING)
-        if value is MISSING:
-            if spec.required:
-                raise MappingError(f"stage {stage.id}: input '{name}' is required; add it to "
-                                   "the stage's config or input_mapping")
-            inputs[name] = spec.default_value()
-        elif value is None and spec.type.endswith("?"):
+    required, constants, factories, present = _field_plan(fields, resolved)
+    if required:
+        raise MappingError(f"stage {stage.id}: input '{required[0]}' is required; add it "
+                           "to the stage's config or input_mapping")
+    inputs = dict(constants)
+    inputs.update(resolved)
+    for name, spec in factories:
+        inputs[name] = spec.default_value()   # a fresh list/dict for every call
+    for name, type_name in present:
+        value = inputs[name]
+        if value is None and type_name.endswith("?"):
             continue
-        elif spec.type == "any?" or (spec.type == "any" and value is not None):
+        if type_name == "any?" or (type_name == "any" and value is not None):
             if isinstance(value, str):
                 inputs[name] = value.strip()
         else:
-            inputs[name] = _coerced(stage, name, spec.type, value)
+            inputs[name] = _coerced(stage, name, type_name, value)
     return inputs
+
+
+_PLANS = {}
+_MAX_PLANS = 4096
+
+
+def _field_plan(fields, resolved):
+    """(required missing, constant defaults, default factories, [(present name, type)])
+    for this set of input keys, cached (the plan keeps ``fields`` alive, so its id stays):
+    a stage's keys are the same on every run, and walking every declared field of every
+    stage each time cost more than most components."""
+    key = (id(fields), frozenset(resolved))
+    plan = _PLANS.get(key)
+    if plan is None:
+        missing = [(name, spec) for name, spec in fields.items() if name not in resolved]
+        required = tuple(name for name, spec in missing if spec.required)
+        constants = {name: spec.default_value() for name, spec in missing
+                     if not callable(spec.default) and not spec.required}
+        factories = tuple((name, spec) for name, spec in missing
+                          if callable(spec.default) and not spec.required)
+        present = tuple((name, spec.type) for name, spec in fields.items()
+                        if name in resolved)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = (required, constants, factories, present, fields)
+    return plan[:4]
 
 
 def _coerced(stage, name, type_name, value):
