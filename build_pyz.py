@@ -230,6 +230,7 @@ def archive(staging, members):
 
 
 def write(path, data):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as handle:
         handle.write(data)

@@ -50,7 +50,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .errors import ConfigError, FmEdgeError, NotFoundError
+from .errors import ConfigError, FmEdgeError, NotFoundError, OfflineError
 from .ids import validate_id
 from .server_security import (HttpError, ServerLimits, check_bind, check_host,
                               check_idempotency_key, check_origin, check_query_credentials,
@@ -65,7 +65,9 @@ SHUTDOWN_GRACE_S = 8.0
 CANCEL_WAIT_S = 5.0
 # How long POST /run (without wait) waits for the run's first durable record before it
 # answers 202 "queued" (the run waits for a slot behind max_concurrent others).
-ADMIT_WAIT_S = 2.0
+# How long a 202 waits for the run's first durable record (the executor writes `pending`
+# or `running` as soon as it admits the run; this bounds a pathologically slow disk).
+ADMIT_WAIT_S = 30.0
 # ?wait=true waits for the run's own time limit plus this allowance for queueing.
 WAIT_ALLOWANCE_S = 60.0
 RETRY_AFTER_S = 1
@@ -1073,7 +1075,10 @@ class _Runs:
             if record is not None:
                 return record.get("status") or "running"
             if time.monotonic() >= deadline:
-                return "queued"
+                # Never acknowledge what is not on disk: a crash now would lose it.
+                raise OfflineError(f"run {run_id} was admitted but its record is not on disk "
+                                   f"after {ADMIT_WAIT_S:.0f} s (the storage is very slow); "
+                                   f"check GET /status/{run_id} before retrying")
             delay = min(delay * 2, 0.1)
 
     def _replay(self, run_id, wait_s):
