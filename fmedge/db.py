@@ -54,16 +54,28 @@ class Database:
             return self.conn.execute(sql, params).fetchone()
 
     @contextlib.contextmanager
-    def transaction(self):
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any exception."""
+    def transaction(self, durable=True):
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any exception.
+
+        ``durable=False`` commits without waiting for fsync (WAL + synchronous=NORMAL:
+        still atomic and consistent, but a power cut may undo it). Only for writes that
+        are safe to lose, such as marking results synced: a lost mark means the result is
+        sent again and the cloud de-duplicates it.
+        """
         with self.lock, self.errors():
-            self.conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+                self.conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    self.conn.execute("PRAGMA synchronous=FULL")
 
     @contextlib.contextmanager
     def errors(self):

@@ -247,5 +247,8 @@ def test_database_really_uses_wal_and_full_sync(tmp_path):
     store = open_store(tmp_path)
     assert store.db.query_one("PRAGMA journal_mode")[0] == "wal"
     assert store.db.query_one("PRAGMA synchronous")[0] == 2      # FULL
+    store.save_now("r", finished())
+    store.mark_synced_now("r")          # committed without fsync (safe to lose) ...
+    assert store.db.query_one("PRAGMA synchronous")[0] == 2      # ... then FULL again
     raw = sqlite3.connect(str(tmp_path / "results.db"))
     assert raw.execute("PRAGMA user_version").fetchone()[0] == 1

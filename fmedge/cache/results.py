@@ -134,6 +134,13 @@ class ResultStore:
             "ORDER BY id LIMIT ?", (int(after_id), int(limit)))
         return [dict(json.loads(payload), _seq=seq) for seq, payload in rows]
 
+    def pending_texts(self, limit=100, after_id=0):
+        """[(seq, run_id, payload JSON text)] of pending results, oldest first: for callers
+        that send the stored JSON as it is (sync), without parsing it."""
+        return self.db.execute(
+            "SELECT id, run_id, payload FROM results WHERE sync_state = 'pending' AND id > ? "
+            "ORDER BY id LIMIT ?", (int(after_id), int(limit)))
+
     def iter_pending(self, batch_size=500):
         """Every pending result, oldest first, read ``batch_size`` rows at a time."""
         after = 0
@@ -147,12 +154,13 @@ class ResultStore:
     def mark_synced_now(self, run_ids):
         ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
         now = self.clock()
-        with self.db.transaction() as conn:
-            changed = 0
-            for run_id in ids:
-                changed += conn.execute(
-                    "UPDATE results SET sync_state='synced', synced_at=?, sync_error=NULL "
-                    "WHERE run_id=? AND sync_state='pending'", (now, run_id)).rowcount
+        # Not fsynced: a mark lost to a power cut only makes the result go up again, and
+        # the cloud de-duplicates it by run_id.
+        with self.db.transaction(durable=False) as conn:
+            changed = conn.executemany(
+                "UPDATE results SET sync_state='synced', synced_at=?, sync_error=NULL "
+                "WHERE run_id=? AND sync_state='pending'",
+                [(now, run_id) for run_id in ids]).rowcount
         return changed
 
     def quarantine_now(self, run_id, reason):

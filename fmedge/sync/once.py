@@ -385,7 +385,7 @@ class SyncPass:
         """Send every pending result, oldest first, one page in memory at a time."""
         after = 0
         while not self._stopped():
-            page = self.results.pending_now(self.batch_size, after)
+            page = self.results.pending_texts(self.batch_size, after)
             if not page:
                 return
             batch, after = self._batch_from(page, after)
@@ -395,12 +395,11 @@ class SyncPass:
     def _batch_from(self, page, after):
         """[(result, json_text)] within the byte budget, and the last row it covers."""
         batch, size = [], 0
-        for row in page:
-            seq = row.pop("_seq")
+        for seq, run_id, stored in page:
             try:
-                text = json.dumps(row, separators=(",", ":"), allow_nan=False)
+                row, text = _strict_json(run_id, stored)
             except (TypeError, ValueError) as exc:
-                self._quarantine_locally(row["run_id"], "the result cannot be sent as JSON "
+                self._quarantine_locally(run_id, "the result cannot be sent as JSON "
                                          "(%s)" % exc)
                 after = seq
                 continue
@@ -413,8 +412,9 @@ class SyncPass:
 
     def _send(self, batch):
         items = [item for item, _ in batch]
+        texts = [text for _, text in batch]
         try:
-            answer = self._call(self.client.upload_results, items, batch_key(batch))
+            answer = self._call(self.client.upload_results, items, batch_key(batch), texts)
         except UsageError as err:
             if getattr(err, "code", "") != "batch_too_large":
                 raise
@@ -558,6 +558,18 @@ class SyncPass:
 
 
 # == Helpers ===================================================================================
+
+def _strict_json(run_id, stored):
+    """({"run_id": ...}, the JSON text to send) for a stored result.
+
+    The stored text is sent as it is unless it may hold NaN/Infinity (which the store's
+    encoder allows and the protocol does not): then it is re-encoded strictly, which
+    raises ValueError for a result that cannot be sent.
+    """
+    if "NaN" in stored or "Infinity" in stored:
+        stored = json.dumps(json.loads(stored), separators=(",", ":"), allow_nan=False)
+    return {"run_id": run_id}, stored
+
 
 def batch_key(batch):
     """Idempotency-Key of a batch: its run ids and their exact bytes, hashed.
