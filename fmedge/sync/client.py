@@ -43,6 +43,7 @@ MAX_JSON_REPLY_BYTES = 16 * 1024 * 1024  # a reply larger than this is not a syn
 MAX_PIPELINE_BYTES = 8 * 1024 * 1024
 MAX_IDEMPOTENCY_KEY = 255
 DOWNLOAD_CHUNK = 64 * 1024
+DOWNLOAD_READ1_CHUNK = 1024 * 1024
 _SHA256_RE = re.compile(r"[0-9a-f]{64}\Z")
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+)\s*\Z")
 _UNSATISFIED_RANGE_RE = re.compile(r"bytes\s+\*/(\d+)\s*\Z")
@@ -280,7 +281,7 @@ class CloudClient:
 
     def _stream_into(self, response, dest, start, total, chunk_cb, path):
         written = 0
-        chunks = response.stream(DOWNLOAD_CHUNK, decode_content=False)
+        chunks = _body_chunks(response)
         while True:
             try:
                 chunk = next(chunks, None)
@@ -506,6 +507,21 @@ def _checked_idempotency_key(key):
         raise UsageError("idempotency_key %r must be printable ASCII text of 1 to %d "
                          "characters (e.g. a UUID)" % (key, MAX_IDEMPOTENCY_KEY))
     return key
+
+
+def _body_chunks(response):
+    """The body as it arrives: ``read1`` hands over what one read got (up to 1 MiB), so
+    a cut connection loses no byte already received and big reads keep the per-chunk
+    cost low; ``stream(n)`` (urllib3 2.0 lacks read1) waits for n bytes, so small ones."""
+    read1 = getattr(response, "read1", None)
+    if read1 is None:
+        yield from response.stream(DOWNLOAD_CHUNK, decode_content=False)
+        return
+    while True:
+        chunk = read1(DOWNLOAD_READ1_CHUNK, decode_content=False)
+        if not chunk:
+            return
+        yield chunk
 
 
 def _gzip_batch(items, texts=None):
