@@ -66,7 +66,9 @@ def test_llamacpp_adapter_example_on_the_generated_model(tmp_path):
         "/models/llama-2-7b.gguf", model)
     names = run_example(code)
     assert names["response"].completion_tokens > 0
-    names["adapter"].close_now() if hasattr(names["adapter"], "close_now") else None
+    import asyncio
+
+    asyncio.run(names["adapter"].close())     # unload now, not at interpreter exit
 
 
 def test_model_cache_example_downloads_from_the_cloud(tmp_path, monkeypatch):

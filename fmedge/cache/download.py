@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import urllib3
 
+from ..http import body_chunks
 from ..errors import (BusyError, CancelledError, ConfigError, FmEdgeError, NotFoundError,
                       OfflineError, UsageError)
 from ..fsutil import atomic_write, storage_error
@@ -367,7 +368,7 @@ class UrlSource:
 
     def _stream(self, response, dest, start, total, chunk_cb):
         written = 0
-        chunks = _chunks(response)
+        chunks = body_chunks(response, URL_CHUNK, FALLBACK_CHUNK)
         while True:
             try:
                 chunk = next(chunks, None)
@@ -387,21 +388,6 @@ class UrlSource:
             raise OfflineError("the download of %s ended after %d of %d bytes; it resumes "
                                "from there" % (self.describe(), start + written, total))
         return written
-
-
-def _chunks(response):
-    """The body as it arrives. ``read1`` returns what one read got, so a stall loses no
-    byte already received; ``stream(n)`` (urllib3 2.0 has no read1) waits for n bytes and
-    drops them all on a timeout, so it gets small chunks."""
-    read1 = getattr(response, "read1", None)
-    if read1 is None:
-        yield from response.stream(FALLBACK_CHUNK, decode_content=False)
-        return
-    while True:
-        chunk = read1(URL_CHUNK, decode_content=False)
-        if not chunk:
-            return
-        yield chunk
 
 
 def _checked_url(url):

@@ -33,6 +33,7 @@ from typing import Optional
 import urllib3
 from urllib3.util.ssl_ import resolve_cert_reqs
 
+from ..http import body_chunks
 from ..errors import (AuthError, BusyError, ConfigError, FmEdgeError, NotFoundError,
                       OfflineError, UsageError)
 
@@ -281,7 +282,7 @@ class CloudClient:
 
     def _stream_into(self, response, dest, start, total, chunk_cb, path):
         written = 0
-        chunks = _body_chunks(response)
+        chunks = body_chunks(response, DOWNLOAD_READ1_CHUNK, DOWNLOAD_CHUNK)
         while True:
             try:
                 chunk = next(chunks, None)
@@ -507,21 +508,6 @@ def _checked_idempotency_key(key):
         raise UsageError("idempotency_key %r must be printable ASCII text of 1 to %d "
                          "characters (e.g. a UUID)" % (key, MAX_IDEMPOTENCY_KEY))
     return key
-
-
-def _body_chunks(response):
-    """The body as it arrives: ``read1`` hands over what one read got (up to 1 MiB), so
-    a cut connection loses no byte already received and big reads keep the per-chunk
-    cost low; ``stream(n)`` (urllib3 2.0 lacks read1) waits for n bytes, so small ones."""
-    read1 = getattr(response, "read1", None)
-    if read1 is None:
-        yield from response.stream(DOWNLOAD_CHUNK, decode_content=False)
-        return
-    while True:
-        chunk = read1(DOWNLOAD_READ1_CHUNK, decode_content=False)
-        if not chunk:
-            return
-        yield chunk
 
 
 def _gzip_batch(items, texts=None):
