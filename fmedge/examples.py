@@ -49,7 +49,7 @@ DATA_PROCESSOR = {
             "message": "{{input.sensor_id}}: all readings normal",
             "passthrough": {"status": "ok"}}},
         {"id": "report", "type": "json_transform", "depends_on": ["alert", "all-clear"],
-         "config": {"data": {
+         "config": {"template": {
              "sensor_id": "{{input.sensor_id}}",
              "statistics": "{{upstream.stats.result}}",
              "anomalies": "{{upstream.anomalies.result.values}}",

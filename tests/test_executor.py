@@ -309,7 +309,7 @@ def test_seed_executor_example_runs_verbatim(tmp_path):
     names = run_example(adapt(example("Edge Executor"), tmp_path))
     result = names["result"]
     assert result.status == "completed" and result.duration_ms > 0
-    assert result.output["result"]["statistics"]["mean"] == 2.0
+    assert result.output["statistics"]["mean"] == 2.0
 
 
 def test_json_transform_template_reads_its_own_data(executor):

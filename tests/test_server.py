@@ -39,7 +39,7 @@ def test_run_with_wait_returns_the_finished_result(api):
     assert answer.status == 200, answer
     result = answer.json()
     assert result["status"] == "completed"
-    assert result["output"]["result"]["statistics"]["mean"] == 2.0
+    assert result["output"]["statistics"]["mean"] == 2.0
     stored = api.client.get(f"/status/{result['run_id']}")
     assert stored.status == 200 and stored.json()["status"] == "completed"
     assert stored.json()["sync_state"] == "pending"
