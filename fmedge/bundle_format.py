@@ -36,13 +36,13 @@ list, so ``../``, absolute paths, links and device files are refused, never foll
 import hashlib
 import hmac
 import itertools
-import json
 import re
 import tarfile
 import zlib
 
 from .errors import InvalidIdError, UsageError
 from .ids import validate_id
+from .strict_json import loads_strict
 
 FORMAT = "fm-edge-bundle"
 FORMAT_VERSION = 1
@@ -106,22 +106,7 @@ def check_signature(bundle, manifest_bytes, signature, key):
 
 def strict_json(data, what):
     """JSON that refuses duplicate keys and NaN/Infinity (two parsers must agree on it)."""
-    def unique(pairs):
-        seen = {}
-        for key, value in pairs:
-            if key in seen:
-                raise ValueError("the key %r appears twice" % key)
-            seen[key] = value
-        return seen
-
-    def no_constant(name):
-        raise ValueError("%s is not valid JSON" % name)
-
-    try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=unique,
-                          parse_constant=no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ValueError("%s is not valid JSON: %s" % (what, exc)) from None
+    return loads_strict(data, what)
 
 
 def parse_manifest(bundle, data):

@@ -10,7 +10,8 @@ import os
 import sys
 
 from . import __version__
-from .config import FIELD_BY_NAME, EdgeConfig, mask, set_config_value, unset_config_value
+from .config import (FIELD_BY_NAME, EdgeConfig, mask, set_config_value, unknown_key_message,
+                     unset_config_value)
 from .errors import ConfigError, FmEdgeError, UsageError
 
 # Exit codes (documented in the README).
@@ -245,8 +246,6 @@ def load_config(args):
         if not sep:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         if key.strip() not in FIELD_BY_NAME:
-            from .config import unknown_key_message
-
             raise ConfigError(unknown_key_message(key.strip(), "--set"))
         flags[key.strip()] = value
     return EdgeConfig.load(data_dir=args.data_dir, flags=flags)
@@ -322,8 +321,6 @@ def cmd_config_get(args):
     config = load_config(args)
     spec = FIELD_BY_NAME.get(args.key)
     if spec is None:
-        from .config import unknown_key_message
-
         raise ConfigError(unknown_key_message(args.key))
     value = getattr(config, args.key)
     if spec.secret and not args.reveal:

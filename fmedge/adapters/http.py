@@ -378,6 +378,26 @@ class HttpClient:
                         "restarted: try again")
 
 
+class JsonCalls:
+    """One JSON request/answer for an adapter with ``self._http`` (an HttpClient) and its
+    own error mapping, ``_status_error(exc, model)`` and ``_stream_error(data, model)``."""
+
+    async def _get(self, path):
+        try:
+            return await self._http.request_json("GET", path)
+        except HttpStatusError as exc:
+            raise self._status_error(exc, None) from None
+
+    async def _post(self, path, body, model):
+        try:
+            data = await self._http.request_json("POST", path, body)
+        except HttpStatusError as exc:
+            raise self._status_error(exc, model) from None
+        if "error" in data:
+            raise self._stream_error(data, model)
+        return data
+
+
 def _encode(payload):
     return None if payload is None else json.dumps(payload).encode("utf-8")
 

@@ -18,7 +18,7 @@ from ..errors import LLMError, ModelNotFoundError, UsageError
 from ..ollama_host import parse_ollama_host
 from .base import GenerationResult, LocalLLMAdapter
 from .http import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT,
-                   BackendBusyError, HttpClient, HttpStatusError, decode_json)
+                   BackendBusyError, HttpClient, HttpStatusError, JsonCalls, decode_json)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class PullProgress:
         return None
 
 
-class OllamaAdapter(LocalLLMAdapter):
+class OllamaAdapter(JsonCalls, LocalLLMAdapter):
     """Talks to one Ollama server.
 
     ``base_url`` None (or empty) means ``OLLAMA_HOST``, parsed as Ollama parses it.
@@ -182,21 +182,6 @@ class OllamaAdapter(LocalLLMAdapter):
         if self.keep_alive is not None:
             body["keep_alive"] = self.keep_alive
         return body
-
-    async def _get(self, path):
-        try:
-            return await self._http.request_json("GET", path)
-        except HttpStatusError as exc:
-            raise self._status_error(exc, None) from None
-
-    async def _post(self, path, body, model):
-        try:
-            data = await self._http.request_json("POST", path, body)
-        except HttpStatusError as exc:
-            raise self._status_error(exc, model) from None
-        if "error" in data:
-            raise self._stream_error(data, model)
-        return data
 
     async def _ndjson(self, path, body, model, is_last, on_error=None):
         """Yield each JSON line of a streamed answer up to the last one.

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from ..errors import ConfigError, LLMError, ModelNotFoundError, UsageError
 from .base import GenerationResult, LocalLLMAdapter
 from .http import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT,
-                   BackendBusyError, HttpClient, HttpStatusError, decode_json)
+                   BackendBusyError, HttpClient, HttpStatusError, JsonCalls, decode_json)
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ _START_HINT = ("start the server (llama-server, LM Studio, vLLM, LocalAI, `ollam
                "or fix llm_base_url")
 
 
-class OpenAIAdapter(LocalLLMAdapter):
+class OpenAIAdapter(JsonCalls, LocalLLMAdapter):
     """Talks to one OpenAI-compatible server.
 
     ``base_url`` is the server's root or its /v1 URL ("http://127.0.0.1:8080" and
@@ -111,10 +111,7 @@ class OpenAIAdapter(LocalLLMAdapter):
         return True
 
     async def list_models(self) -> List[str]:
-        try:
-            data = await self._http.request_json("GET", "/models")
-        except HttpStatusError as exc:
-            raise self._status_error(exc, None) from None
+        data = await self._get("/models")
         return [str(entry.get("id", "")) for entry in data.get("data") or []
                 if isinstance(entry, dict)]
 
@@ -137,15 +134,6 @@ class OpenAIAdapter(LocalLLMAdapter):
         if json_format:
             body["response_format"] = {"type": "json_object"}
         return body
-
-    async def _post(self, path, body, model):
-        try:
-            data = await self._http.request_json("POST", path, body)
-        except HttpStatusError as exc:
-            raise self._status_error(exc, model) from None
-        if "error" in data:
-            raise self._stream_error(data, model)
-        return data
 
     async def _events(self, path, body, model):
         """Yield each JSON event of an SSE answer (``data: ...`` lines) up to [DONE].

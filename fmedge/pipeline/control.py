@@ -15,8 +15,7 @@ import asyncio
 import time
 
 from ..errors import ExecutionError, FmEdgeError, StageTimeoutError
-from .components.base import BreakLoop, ContinueLoop, LoopSignal
-from .result import SKIPPED, StageRecord, skipped_marker
+from .components.base import BreakLoop, ContinueLoop
 from .run import StageFailure, error_names, reference_error_name
 
 MAX_SUBPIPELINE_DEPTH = 5
@@ -224,4 +223,4 @@ async def _run_child(run, stage, directive):
 _HANDLERS = {"conditional": _branch, "router": _branch, "foreach": _foreach,
              "trycatch": _trycatch, "return": _return, "subpipeline": _subpipeline}
 
-__all__ = ["follow", "LoopSignal", "SKIPPED", "StageRecord", "skipped_marker"]
+__all__ = ["follow"]

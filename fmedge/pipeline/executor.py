@@ -101,8 +101,7 @@ class EdgeExecutor:
         pipeline = await self.load(pipeline_id, document)
         inputs = apply_input_schema(pipeline, inputs)
         run_id = validate_id(run_id, "run") if run_id else uuid.uuid4().hex
-        async with self._slot(pipeline.id, run_id, self._pending_record(pipeline, inputs,
-                                                                        run_id)):
+        async with _Slot(self, self._pending_record(pipeline, inputs, run_id)):
             return await self._run(pipeline, inputs, run_id, timeout)
 
     def _pending_record(self, pipeline, inputs, run_id):
@@ -176,9 +175,6 @@ class EdgeExecutor:
         return True
 
     # -- slots --------------------------------------------------------------------------
-
-    def _slot(self, pipeline_id, run_id=None, record=None):
-        return _Slot(self, pipeline_id, record)
 
     def _semaphore(self):
         if self._slots is None:
@@ -289,9 +285,8 @@ class EdgeExecutor:
 class _Slot:
     """``async with``: wait for a run slot, or refuse at once when the queue is full."""
 
-    def __init__(self, executor, pipeline_id, record=None):
+    def __init__(self, executor, record=None):
         self.executor = executor
-        self.pipeline_id = pipeline_id
         self.record = record            # record(status) -> awaitable, for a queued run
 
     async def __aenter__(self):

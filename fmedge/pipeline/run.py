@@ -16,12 +16,11 @@ import asyncio
 import logging
 import random
 
-from ..errors import CancelledError as RunCancelled
 from ..errors import ExecutionError, ExpressionError, FmEdgeError, StageTimeoutError
 from ..errors import TemplateError
 from . import template
 from .components import get_component
-from .components.base import MISSING, BreakLoop, ComponentError, LoopSignal, MappingError
+from .components.base import BreakLoop, ComponentError, LoopSignal, MappingError
 from .components.base import StageContext
 from .document import topological_waves
 from .result import FAILED, SKIPPED, SUCCESS, StageRecord, skipped_marker
@@ -43,10 +42,6 @@ class StageFailure(Exception):
         super().__init__(f"stage {stage_id}: {error}")
         self.stage_id = stage_id
         self.error = error
-
-
-class EarlyReturn(Exception):
-    """Raised inside a foreach/trycatch body when a `return` stage triggers."""
 
 
 def reference_error_name(error):
@@ -372,5 +367,4 @@ def _coerced(stage, name, type_name, value):
 
 
 __all__ = ["PipelineRun", "RunState", "StageFailure", "RetryExhaustedError", "BreakLoop",
-           "EarlyReturn", "apply_fields", "reference_error_name", "error_names",
-           "RunCancelled"]
+           "apply_fields", "reference_error_name", "error_names"]

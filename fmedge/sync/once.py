@@ -44,6 +44,7 @@ from ..errors import (AuthError, BusyError, ConfigError, FmEdgeError, InvalidIdE
                       UsageError)
 from ..fsutil import atomic_write, free_bytes
 from ..ids import is_valid_id
+from ..strict_json import loads_strict
 from .client import MAX_BATCH_RESULTS
 from .lock import SyncLock
 
@@ -598,24 +599,11 @@ def _rejected_run_id(refusal, ids):
 
 def parse_document(body, pipeline_id):
     """Strict JSON for documents from the network: no NaN, no duplicate keys."""
-    def unique_keys(pairs):
-        seen = {}
-        for key, value in pairs:
-            if key in seen:
-                raise PipelineValidationError("pipeline %s: the document repeats the key %r: "
-                                              "fix it in the Studio" % (pipeline_id, key))
-            seen[key] = value
-        return seen
-
-    def no_constants(name):
-        raise ValueError("%s is not valid JSON" % name)
-
     try:
-        return json.loads(body.decode("utf-8"), object_pairs_hook=unique_keys,
-                          parse_constant=no_constants)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PipelineValidationError("pipeline %s: the document from the cloud is not valid "
-                                      "JSON (%s)" % (pipeline_id, exc)) from None
+        return loads_strict(body, "the document from the cloud")
+    except ValueError as exc:
+        raise PipelineValidationError("pipeline %s: %s; fix it in the Studio"
+                                      % (pipeline_id, exc)) from None
 
 
 def _cache_validator(pipelines):
