@@ -6,9 +6,11 @@
 The archive holds the ``fmedge`` package, urllib3 (pinned version, pinned sha256) and a
 ``__main__.py`` that refuses Python < 3.9 in one line. It is reproducible: entries are
 sorted, timestamps and permissions fixed, and the bytecode is hash-based, so two builds of
-the same tree with the same Python give the same sha256. Bytecode for the building Python
-rides along so a cold start does not recompile every module (zipimport cannot cache);
-any other Python falls back to the sources beside it.
+the same tree with the same Python give the same sha256. Modules ride along as sources;
+at run time fmedge/bytecode_cache.py compiles each once per machine and keeps the code in
+an on-disk cache (a zip has no __pycache__). Only that loader and the package's
+``__init__`` are bundled as bytecode for the building Python (any other Python falls back
+to the sources beside them).
 
 urllib3 is fetched with pip into ``~/.cache/fm-edge/build`` (or taken from
 ``--urllib3-wheel`` on an air-gapped builder), checked against the pinned hash, and
@@ -20,7 +22,6 @@ import ast
 import hashlib
 import io
 import os
-import py_compile
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,11 @@ if sys.argv[1:] == ["--version"]:  # answered without loading the CLI: scripts p
 
     sys.stdout.write("fm-edge %s\\n" % __version__)
     sys.exit(0)
+
+# Before anything else of fm-edge loads: compiled modules are cached on disk between runs.
+from fmedge.bytecode_cache import install
+
+install(sys.path[0])
 
 from fmedge.cli import main
 
@@ -104,28 +110,39 @@ def stage(staging, wheel):
     _write_file(os.path.join(staging, "__main__.py"), MAIN)
     members += _copy_package(os.path.join(ROOT, "fmedge"), staging)
     members += _unpack_urllib3(wheel, staging)
-    members += _compile(staging, startup_sources(staging))
+    members += compile_startup(staging)
     return sorted(members)
 
 
-# What every command imports on its way to work, plus the expression and template engine
-# (a third of the compile time of a cold `fm-edge run`).
-# Only these get bytecode: compiling the rest (urllib3, components, server) is a one-off
-# cost in long-running processes, and bytecode of everything would blow the size budget.
-STARTUP_IMPORTS = ("fmedge.cli", "fmedge.runtime", "fmedge.cache.pipelines",
-                   "fmedge.cache.results", "fmedge.pipeline.template")
+# The only modules that ride along as bytecode: what loads before the on-disk bytecode cache
+# (fmedge/bytecode_cache.py) takes over; everything else is compiled once per machine and
+# then loaded from that cache, which keeps the file small.
+STARTUP_IMPORTS = ("fmedge.bytecode_cache",)
+
+# Run in a child Python with -X no_debug_ranges: bytecode without column tables is a third
+# smaller (tracebacks still name the line, without the ^^^ markers under it).
+COMPILE_STARTUP = """
+import importlib, os, py_compile, sys
+staging, names = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, staging)
+for name in names:
+    importlib.import_module(name)
+for module in sorted(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'fmedge'):
+    member = os.path.relpath(module, staging).replace(os.sep, '/')
+    py_compile.compile(module, cfile=module + 'c', dfile=member, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    print(member + 'c')
+"""
 
 
-def startup_sources(staging):
-    """Source members of the fmedge modules that the CLI's start path imports."""
-    probe = ("import sys, importlib\n"
-             f"sys.path.insert(0, {staging!r})\n"
-             f"for name in {STARTUP_IMPORTS!r}: importlib.import_module(name)\n"
-             "print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items()\n"
-             "      if n.split('.')[0] == 'fmedge')))")
-    found = subprocess.run([sys.executable, "-I", "-c", probe], cwd=staging, check=True,
-                           stdout=subprocess.PIPE, universal_newlines=True).stdout.split()
-    return sorted(os.path.relpath(path, staging).replace(os.sep, "/") for path in found)
+def compile_startup(staging):
+    """Hash-based .pyc beside each source the start path imports: deterministic, valid
+    without mtimes (zipimport looks for module.pyc beside module.py)."""
+    found = subprocess.run(
+        [sys.executable, "-I", "-X", "no_debug_ranges", "-c", COMPILE_STARTUP, staging]
+        + list(STARTUP_IMPORTS), cwd=staging, check=True, stdout=subprocess.PIPE,
+        universal_newlines=True).stdout.split()
+    return sorted(found)
 
 
 def _copy_package(package_dir, staging):
@@ -206,18 +223,6 @@ def _unpack_urllib3(wheel, staging):
             _write_file(os.path.join(staging, target), data)
             names.append(target)
     return names
-
-
-def _compile(staging, sources):
-    """Hash-based .pyc next to each source: deterministic, and valid without mtimes."""
-    compiled = []
-    for member in sources:
-        target = member + "c"  # zipimport looks for module.pyc beside module.py
-        py_compile.compile(os.path.join(staging, member), cfile=os.path.join(staging, target),
-                           dfile=member, doraise=True,
-                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-        compiled.append(target)
-    return compiled
 
 
 def archive(staging, members):

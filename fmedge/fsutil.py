@@ -2,8 +2,6 @@
 
 import errno
 import os
-import shutil
-import tempfile
 
 from .errors import StorageError
 
@@ -14,6 +12,8 @@ def atomic_write(path, data, mode=0o600):
     The temporary file is fsynced before the rename and the directory after it: without
     both, a power cut can leave an empty file under the new name (reliability.md §1.1).
     """
+    import tempfile  # here: a cold `fm-edge run` never writes a file this way
+
     directory = os.path.dirname(os.path.abspath(path))
     ensure_dir(directory)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
@@ -54,7 +54,12 @@ def ensure_dir(path, mode=0o700):
 
 def free_bytes(path):
     """Bytes available to this user on the filesystem holding ``path``."""
-    return shutil.disk_usage(path).free
+    if not hasattr(os, "statvfs"):
+        import shutil
+
+        return shutil.disk_usage(path).free
+    stats = os.statvfs(path)      # what shutil.disk_usage does, without importing shutil
+    return stats.f_bavail * stats.f_frsize
 
 
 def storage_error(exc, path):

@@ -8,7 +8,6 @@ line, wherever it came from.
 
 import json
 import logging
-import logging.handlers
 import os
 import sys
 import time
@@ -61,7 +60,9 @@ def setup_logging(level="warning", log_format="text", log_dir=None, secrets=(),
     if log_dir:
         os.makedirs(log_dir, mode=0o700, exist_ok=True)
         path = os.path.join(log_dir, LOG_FILE_NAME)
-        handlers.append(logging.handlers.RotatingFileHandler(
+        from logging.handlers import RotatingFileHandler  # only file loggers pay for it
+
+        handlers.append(RotatingFileHandler(
             path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(formatter)

@@ -12,6 +12,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bytecode_cache_in_tmp(tmp_path_factory):
+    """fm-edge.pyz runs in tests cache their bytecode here, never in the user's ~/.cache."""
+    previous = os.environ.get("FM_EDGE_BYTECODE_CACHE")
+    os.environ["FM_EDGE_BYTECODE_CACHE"] = str(tmp_path_factory.mktemp("bytecode"))
+    yield
+    if previous is None:
+        os.environ.pop("FM_EDGE_BYTECODE_CACHE", None)
+    else:
+        os.environ["FM_EDGE_BYTECODE_CACHE"] = previous
+
+
 def clean_env(**extra):
     """The environment minus every FLOWMASON_*/OLLAMA_* variable, plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
