@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fmedge.cache.download import ChecksumMismatchError, Partial
+from fmedge.cache.download import (FLUSH_EVERY, HASH_CHUNK, ChecksumMismatchError,
+                                   HashingFile, Partial, _Flusher)
 from fmedge.cache.models import (ModelCache, add_model, clear_models, list_models,
                                  pull_model, remove_model)
 from fmedge.config import EdgeConfig
@@ -267,6 +268,98 @@ def test_a_corrupted_download_is_reported_and_never_activated(studio, tmp_path):
     assert leftovers(cache.cache_dir, "tiny") == []          # no partial, no final name
 
 
+# -- large downloads: the hash and flush threads ------------------------------------------------
+# The sha256 runs on a worker thread and the file is fdatasynced in the background every
+# FLUSH_EVERY bytes; these downloads are large enough for both to carry across attempts.
+
+def test_a_large_download_cut_three_times_is_hashed_and_flushed_whole(studio, tmp_path):
+    data = publish(studio, tmp_path, "big", gguf_bytes(2 * FLUSH_EVERY + 12345))
+    proxy = start_proxy(studio.server_address[1], cut_after=int(len(data) * 0.3))
+    try:
+        report = make_cache(tmp_path, proxy.url).pull("big")
+        stats = dict(proxy.stats)
+    finally:
+        proxy.stop()
+    assert stats["cuts"] == 3 and report["attempts"] == 4
+    assert report["sha256"] == sha(data) and report["fetched_bytes"] <= 1.2 * len(data)
+    with open(report["path"], "rb") as handle:
+        assert handle.read() == data
+
+
+def test_a_large_partial_that_the_server_will_not_resume_is_rehashed_from_zero(studio,
+                                                                                 tmp_path):
+    data = publish(studio, tmp_path, "big", gguf_bytes(2 * FLUSH_EVERY + 7))
+    proxy = start_proxy(studio.server_address[1], cut_after=int(len(data) * 0.6))
+    try:
+        with pytest.raises(OfflineError):
+            make_cache(tmp_path, proxy.url, retries=0).pull("big")
+    finally:
+        proxy.stop()
+    kept = Partial(str(tmp_path / "models"), "big").size()
+    assert kept > FLUSH_EVERY
+    studio.faults.ignore_range = True       # the resume gets the whole file (200)
+    report = make_cache(tmp_path, studio.url).pull("big")
+    assert report["resumed_from"] == kept and report["fetched_bytes"] == len(data)
+    assert report["sha256"] == sha(data)
+
+
+def test_damage_in_the_last_bytes_of_a_large_download_is_caught(studio, tmp_path):
+    data = publish(studio, tmp_path, "big", gguf_bytes(FLUSH_EVERY + 3 * HASH_CHUNK + 1))
+    damaged = bytearray(data)
+    damaged[-2] ^= 0x01
+    write(studio.store.model_path(studio.store.get_model("big")), bytes(damaged))
+    cache = make_cache(tmp_path, studio.url)
+    with pytest.raises(ChecksumMismatchError) as caught:
+        cache.pull("big")
+    assert (caught.value.expected, caught.value.actual) == (sha(data), sha(bytes(damaged)))
+    assert leftovers(cache.cache_dir, "big") == []
+
+
+def test_the_digest_covers_exactly_the_bytes_in_the_file(tmp_path):
+    data = os.urandom(3 * HASH_CHUNK + 999)
+    path = tmp_path / "file"
+    buffer = bytearray(HASH_CHUNK // 3 + 1)     # one buffer reused for every write
+    with open(path, "w+b") as raw:
+        dest = HashingFile(raw)
+        try:
+            for start in range(0, len(data), len(buffer)):
+                piece = data[start:start + len(buffer)]
+                buffer[:len(piece)] = piece
+                dest.write(memoryview(buffer)[:len(piece)])
+            dest.fsync()
+            assert dest.hexdigest() == sha(data)
+        finally:
+            dest.close()
+    with open(path, "r+b") as raw:              # reopened: what is there is hashed first
+        dest = HashingFile(raw)
+        try:
+            assert dest.length == len(data)
+            dest.seek(HASH_CHUNK + 5)           # a restart: the prefix is hashed again
+            dest.truncate()
+            dest.write(b"tail")
+            dest.fsync()
+            assert dest.hexdigest() == sha(data[:HASH_CHUNK + 5] + b"tail")
+        finally:
+            dest.close()
+
+
+def test_a_failed_background_flush_is_raised_not_lost():
+    read_end, write_end = os.pipe()     # fdatasync on a pipe fails (EINVAL): a real failure
+    try:
+        flusher = _Flusher(write_end)
+        flusher.wrote(FLUSH_EVERY)
+        with pytest.raises(OSError):
+            flusher.finish()            # what the closing fsync calls first
+        flusher = _Flusher(write_end)
+        flusher.wrote(FLUSH_EVERY)
+        with pytest.raises(OSError):    # the download stops at its next flush, not at the end
+            wait_until(lambda: flusher.wrote(FLUSH_EVERY), what="the flush error")
+        flusher.finish()                # raised once: nothing left to report
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_an_unknown_model_and_no_cloud_are_clear_errors(studio, tmp_path):
     with pytest.raises(NotFoundError, match="no model 'nope'"):
         make_cache(tmp_path, studio.url).pull("nope")
@@ -497,7 +590,16 @@ def test_progress_draws_a_bar_only_on_a_terminal():
             assert isinstance(bar, ProgressBar)
             bar(512, 1024)
             bar(1024, 1024)
-        shown = os.read(master, 4096).decode()
+        shown = b""
+        while True:     # a pty hands over what it has: read until the closed end (EIO)
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            shown += data
+        shown = shown.decode()
     finally:
         os.close(master)
     assert "pulling tiny" in shown and "100%" in shown and shown.endswith("\n")

@@ -8,8 +8,8 @@ import os
 import pytest
 import urllib3
 
-from studio_fixture import (API_KEY, DEVICE_ID, StudioProcess, run_studio_cli, start_studio,
-                            studio_server)  # noqa: F401  (studio_server is a fixture)
+from studio_fixture import (API_KEY, DEVICE_ID, StudioProcess, make_tls_files, run_studio_cli,
+                            start_studio, studio_server)  # noqa: F401  (a fixture)
 
 EDGE = "/api/v1/edge"
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=30))
@@ -362,6 +362,26 @@ def test_if_range_for_another_file_gets_the_whole_file(studio_server, model):
     resumed = call(studio_server, "GET", "/models/tiny.gguf/file",
                    headers={"Range": "bytes=100-", "If-Range": current})
     assert resumed.status == 206 and resumed.data == model[100:]
+
+
+def test_model_file_over_tls_whole_and_by_range(tmp_path):
+    # Plain HTTP sends the file with sendfile(2); over TLS the bytes pass through Python.
+    tls = make_tls_files(tmp_path)
+    server = start_studio(tmp_path, tls=tls)
+    try:
+        data = os.urandom(1024 * 1024 + 5)
+        (tmp_path / "m.gguf").write_bytes(data)
+        server.store.add_model("m", str(tmp_path / "m.gguf"))
+        pool = urllib3.PoolManager(ca_certs=tls.ca_cert, retries=False)
+        url = server.url + EDGE + "/models/m/file"
+        auth = {"Authorization": "Bearer " + API_KEY, "X-Device-Id": DEVICE_ID}
+        whole = pool.request("GET", url, headers=auth)
+        assert whole.status == 200 and whole.data == data
+        tail = pool.request("GET", url, headers=dict(auth, Range="bytes=1000-"))
+        assert tail.status == 206 and tail.data == data[1000:]
+        pool.clear()
+    finally:
+        server.stop()
 
 
 # -- faults --------------------------------------------------------------------------------------
