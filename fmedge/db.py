@@ -6,7 +6,9 @@ Every store owns one database file in its own directory and talks to it through 
 * WAL with ``synchronous=FULL``: a commit that returned survives a power cut (NORMAL lost
   17,326 acknowledged rows in 100 simulated cuts; FULL lost none);
 * ``busy_timeout`` so the CLI and the daemon can share a file;
-* writes in ``BEGIN IMMEDIATE`` transactions so a writer never deadlocks upgrading a lock.
+* writes in ``BEGIN IMMEDIATE`` transactions so a writer never deadlocks upgrading a lock;
+* a commit made without fsync (``durable=False``) becomes durable with the next durable
+  commit: WAL frames are appended in order and that commit's fsync covers all of them.
 
 A file that SQLite says is not a database (or is malformed) is moved aside as
 ``<name>.corrupt-<time>`` with its -wal/-shm, never deleted, and a fresh one is created.
@@ -35,6 +37,8 @@ class Database:
         self.path = os.path.abspath(path)
         self.lock = threading.RLock()
         self.quarantined_to = None
+        # True after a commit without fsync, until a durable commit covers it.
+        self.unsynced = False
         ensure_dir(os.path.dirname(self.path))
         try:
             self.conn = _open(self.path, migrations)
@@ -69,13 +73,27 @@ class Database:
                 self.conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield self.conn
+                    if durable and self.unsynced:
+                        # A transaction that changed no page commits without fsync, so
+                        # rewrite page 1 (application_id, which fm-edge leaves 0): this
+                        # COMMIT then fsyncs the WAL, and with it the earlier commits.
+                        self.conn.execute("PRAGMA application_id=0")
                 except BaseException:
                     self.conn.execute("ROLLBACK")
                     raise
                 self.conn.execute("COMMIT")
+                self.unsynced = not durable
             finally:
                 if not durable:
                     self.conn.execute("PRAGMA synchronous=FULL")
+
+    def make_durable(self):
+        """Make every commit so far durable (those made with ``durable=False`` too); one
+        fsync, or nothing when they already are."""
+        with self.lock:
+            if self.unsynced:
+                with self.transaction():
+                    pass
 
     @contextlib.contextmanager
     def errors(self):

@@ -1073,6 +1073,9 @@ class _Runs:
                 return result.status
             record = self.runtime.results.get_now(run_id)
             if record is not None:
+                # A run's first record is committed without its own fsync (nobody knew of
+                # the run): make it durable before saying "accepted".
+                self.runtime.results.flush_now()
                 return record.get("status") or "running"
             if time.monotonic() >= deadline:
                 # Never acknowledge what is not on disk: a crash now would lose it.
@@ -1092,6 +1095,7 @@ class _Runs:
                                 "device (removed by retention): use a new key to run again")
         if record.get("status") in _FINISHED:
             return Reply(200, record)
+        self.runtime.results.flush_now()
         return _accepted(run_id, record.get("status") or "running")
 
     def _take_waiter(self):

@@ -1,12 +1,14 @@
 """ResultStore: durability, the pending queue, retention, full-store policies, corruption."""
 
 import asyncio
+import gc
 import os
 import random
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -252,3 +254,152 @@ def test_database_really_uses_wal_and_full_sync(tmp_path):
     assert store.db.query_one("PRAGMA synchronous")[0] == 2      # ... then FULL again
     raw = sqlite3.connect(str(tmp_path / "results.db"))
     assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+# -- group commit -------------------------------------------------------------------------
+
+def saves(store, items):
+    """Start ``store.save`` for every (run_id, result), with the store's database lock held
+    (as a commit in progress holds it) so that they queue up behind it; then let go and
+    return each one's outcome: its record, or the exception it raised."""
+    async def scenario():
+        with store.db.lock:
+            tasks = [asyncio.ensure_future(store.save(run_id, result))
+                     for run_id, result in items]
+            await asyncio.sleep(0)          # each task runs up to its queued write
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    return asyncio.run(scenario())
+
+
+def test_concurrent_saves_share_commits_and_all_survive_reopening(tmp_path):
+    store = open_store(tmp_path)
+    before = store.commits
+    outcomes = saves(store, [(f"r{i:03d}", finished(n=i)) for i in range(100)])
+    assert [o["run_id"] for o in outcomes] == [f"r{i:03d}" for i in range(100)]
+    # The writer took at most the first save alone before the lock stopped it; every
+    # other save queued meanwhile went into one transaction.
+    assert store.commits - before <= 2
+    store.close()
+    reopened = open_store(tmp_path)
+    assert reopened.integrity_ok()
+    assert [reopened.get_now(f"r{i:03d}")["n"] for i in range(100)] == list(range(100))
+    assert reopened.stats()["pending"] == 100
+
+
+def test_a_row_that_does_not_fit_fails_only_its_own_caller(tmp_path):
+    store = open_store(tmp_path, max_mb=1)
+    items = [("small-1", payload(1)), ("huge", payload(1500)), ("small-2", payload(1)),
+             ("small-3", payload(1))]
+    outcomes = dict(zip([run_id for run_id, _ in items], saves(store, items)))
+    assert isinstance(outcomes.pop("huge"), StoreFullError)
+    assert all(record["status"] == "completed" for record in outcomes.values())
+    assert store.get_now("huge") is None
+    assert sorted(r["run_id"] for r in store.pending_now()) == ["small-1", "small-2",
+                                                                "small-3"]
+
+
+def test_a_full_disk_fails_the_callers_it_refused_and_keeps_the_rest():
+    if not can_mount():
+        pytest.skip("mounting a small tmpfs needs root")
+    with tmpfs("1m") as mount:
+        store = open_store(mount, max_mb=100)
+        items = [(f"r{i:03d}", payload(8)) for i in range(150)]
+        outcomes = saves(store, items)
+        saved = [run_id for (run_id, _), o in zip(items, outcomes) if isinstance(o, dict)]
+        refused = [o for o in outcomes if not isinstance(o, dict)]
+        assert saved and refused
+        assert all(isinstance(o, (StorageError, StoreFullError)) for o in refused)
+        store.close()
+        reopened = open_store(mount, max_mb=100)
+        assert reopened.integrity_ok()
+        assert all(reopened.get_now(run_id) for run_id in saved)
+
+
+def test_close_commits_what_is_queued_and_answers_its_callers(tmp_path):
+    store = open_store(tmp_path)
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(store.save(f"r{i}", finished())) for i in range(20)]
+        await asyncio.sleep(0)               # all 20 are queued (or being written)
+        store.close()                        # blocks this loop until they are committed
+        records = await asyncio.gather(*tasks)
+        with pytest.raises(StorageError, match="closed"):
+            await store.save("late", finished())
+        return records
+
+    assert len(asyncio.run(scenario())) == 20
+    reopened = open_store(tmp_path)
+    assert all(reopened.get_now(f"r{i}") for i in range(20))
+
+
+def test_saves_from_several_event_loops_are_answered_in_their_own(tmp_path):
+    store = open_store(tmp_path)
+
+    def loop_saving(prefix, out):
+        async def scenario():
+            return await asyncio.gather(*[store.save(f"{prefix}{i}", finished())
+                                          for i in range(10)])
+        out.extend(asyncio.run(scenario()))
+
+    first, second = [], []
+    threads = [threading.Thread(target=loop_saving, args=("a", first)),
+               threading.Thread(target=loop_saving, args=("b", second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [r["run_id"] for r in first] == [f"a{i}" for i in range(10)]
+    assert [r["run_id"] for r in second] == [f"b{i}" for i in range(10)]
+
+
+def test_rows_saved_without_fsync_become_durable_with_the_next_durable_commit(tmp_path,
+                                                                             clock):
+    store = open_store(tmp_path, clock)
+    store.flush_idle_s = None              # no fsync of its own when idle: see below
+
+    async def scenario():
+        await store.save("start", finished(status="running"), durable=False)
+        assert store.db.unsynced                   # committed, not yet fsynced
+        await store.flush()
+        assert not store.db.unsynced
+        await store.save("start", finished(status="running"), durable=False)
+        # The same row again, same clock: this transaction changes no page, yet its
+        # commit must still fsync what the previous one left unsynced.
+        await store.save("start", finished(status="running"))
+        assert not store.db.unsynced
+
+    asyncio.run(scenario())
+    assert store.get_now("start")["status"] == "running"
+    store.save_now("other", finished(), durable=False)
+    assert store.db.unsynced
+    store.flush_now()
+    assert not store.db.unsynced
+    store.flush_now()                              # nothing to do: no commit of its own
+
+
+def test_rows_saved_without_fsync_are_fsynced_once_the_writer_is_idle(tmp_path):
+    store = open_store(tmp_path)
+
+    async def scenario():
+        await store.save("start", finished(status="running"), durable=False)
+        deadline = time.monotonic() + 30
+        while store.db.unsynced:
+            assert time.monotonic() < deadline, "the idle writer never fsynced"
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    store.close()
+
+
+def test_a_store_dropped_without_close_stops_its_writer(tmp_path):
+    store = open_store(tmp_path)
+    asyncio.run(store.save("r", finished()))
+    writer = store._writer._thread
+    assert writer.is_alive()
+    del store
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while writer.is_alive():
+        assert time.monotonic() < deadline, "the writer of a dropped store kept running"
+        writer.join(0.05)
+    assert open_store(tmp_path).get_now("r")["status"] == "completed"

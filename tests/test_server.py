@@ -351,6 +351,22 @@ def test_shutdown_cancels_runs_still_running_after_the_grace(tmp_path):
         assert store.get_now(queued["run_id"])["status"] == "cancelled"   # never lost
 
 
+def test_202_is_sent_only_once_the_runs_first_record_is_durable(tmp_path):
+    with Gate() as gate:
+        with running_server(tmp_path, max_concurrent=1) as api:
+            api.runtime.pipelines.store_now("gated", gated_pipeline(gate.url))
+            running = api.client.run("gated", {}, wait=False).json()
+            queued = api.client.run("gated", {}, wait=False).json()
+            assert (running["status"], queued["status"]) == ("running", "pending")
+            # Both records were committed without an fsync of their own (nobody knew of
+            # the runs yet); each 202 waited for a durable commit covering its record.
+            assert not api.runtime.results.db.unsynced
+            gate.open()
+            for run in (running, queued):
+                wait_until(lambda: finished(api.runtime, run["run_id"]),
+                           what="the runs to finish")
+
+
 def _reopened(runtime):
     from fmedge.runtime import EdgeRuntime
 

@@ -4,8 +4,15 @@ Each run has one row, written when it starts (``running``) and again when it end
 finished result is ``pending`` until the cloud acknowledges it (``synced``) or refuses it
 (``quarantined``, with the reason). Guarantees:
 
-* ``save`` returns only after COMMIT with WAL + ``synchronous=FULL``: the row survives a
-  crash or a power cut;
+* ``save`` returns only after the COMMIT holding its row returned, with WAL +
+  ``synchronous=FULL``: the row survives a crash or a power cut. Saves from many
+  coroutines are group-committed: one writer thread writes everything queued meanwhile in
+  one transaction with one fsync, then answers each caller (an error reaches only the
+  callers whose rows it failed; close() commits what is queued);
+* ``save(..., durable=False)`` (a run's start record, which nobody has been told about)
+  commits without waiting for fsync: a crash of the process keeps it, a power cut may
+  not, until the next durable commit or ``flush`` covers it. Whoever tells someone about
+  such a row first (POST /run's 202) calls ``flush``;
 * ``get_pending`` reads a partial index, so its cost does not grow with the queue;
 * retention deletes only synced results; a pending result is never deleted by retention;
 * when the store reaches ``max_mb``, synced results make room first (they are safe in the
@@ -17,12 +24,14 @@ finished result is ``pending`` until the cloud acknowledges it (``synced``) or r
 import json
 import logging
 import os
+import threading
 import time
+import weakref
 
 from .. import defaults as D
 from ..aio import run_blocking
 from ..db import Database
-from ..errors import StoreFullError, UsageError
+from ..errors import BusyError, FmEdgeError, StorageError, StoreFullError, UsageError
 from ..fsutil import free_bytes
 from ..ids import validate_id
 from ..process import owner_alive, owner_token
@@ -58,10 +67,28 @@ _MIGRATIONS = [
     """,
 ]
 _EVICT_BATCH = 200
+# Most rows one group commit writes: bounds one transaction's WAL growth and latency.
+_GROUP_MAX = 256
+# Space checks (see _make_room): bytes charged per row beyond its payload (a row touches
+# a few index pages, and each commit appends whole 4 KiB pages to the WAL), and how often
+# the disk is measured at least.
+_ROW_SLACK = 16384
+_MEASURE_EVERY_S = 1.0
+_UPSERT = (
+    "INSERT INTO results (run_id, pipeline_id, pipeline_version, status, sync_state, "
+    "created_at, updated_at, owner, size, payload) VALUES (?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT(run_id) DO UPDATE SET pipeline_id=excluded.pipeline_id, "
+    "pipeline_version=excluded.pipeline_version, status=excluded.status, "
+    "sync_state=excluded.sync_state, updated_at=excluded.updated_at, owner=excluded.owner, "
+    "size=excluded.size, payload=excluded.payload, synced_at=NULL, sync_error=NULL")
 
 
 class ResultStore:
     """The seed's API (``save``, ``get_pending``, ``mark_synced``) plus get/list/cleanup."""
+
+    # Seconds the writer waits, idle, before it fsyncs rows committed without (see
+    # _GroupWriter); read when the first save() starts the writer.
+    flush_idle_s = 0.1
 
     def __init__(self, store_dir, retention_days=D.DEFAULT_RESULT_RETENTION_DAYS,
                  max_mb=D.DEFAULT_RESULT_STORE_MAX_MB,
@@ -78,13 +105,37 @@ class ResultStore:
         self.clock = clock
         self._owner = owner_token()
         self.db = Database(os.path.join(self.store_dir, D.RESULT_DB_NAME), _MIGRATIONS)
+        self.commits = 0            # transactions that wrote saved rows (group commits count 1)
+        self._writer = None         # the group-commit thread, started by the first save()
+        self._writer_lock = threading.Lock()
+        self._closed = False
+        self._budget = 0            # bytes writable before space is measured again
+        self._measure_by = 0.0
         self.recovered = self.recover_interrupted()
 
     # -- the seed's async API ---------------------------------------------------------
 
-    async def save(self, run_id, result):
-        """Store ``result`` for ``run_id`` durably; returns once it is on disk."""
-        return await run_blocking(self.save_now, run_id, result)
+    async def save(self, run_id, result, durable=True):
+        """Store ``result`` for ``run_id``; returns (the record) once the COMMIT holding it
+        returned: on disk, fsynced. Concurrent saves share one transaction and one fsync.
+
+        ``durable=False`` skips waiting for fsync: the row survives a crash of this process
+        but a power cut may undo it, until a later durable commit (or ``flush``) covers it.
+        Only for rows nobody has been told about yet (a run's start record).
+        """
+        import asyncio  # imported here: the CLI's fast paths never need asyncio
+
+        write = self._prepare(run_id, result, durable)
+        loop = asyncio.get_running_loop()
+        write.loop, write.future = loop, loop.create_future()
+        self._group_writer().put(write)
+        return await write.future
+
+    async def flush(self):
+        """Returns once every row committed so far is durable, ``durable=False`` ones
+        included: call it before telling anyone about such a row."""
+        if self.db.unsynced:
+            await run_blocking(self.flush_now)
 
     async def get_pending(self, limit=100, after_id=0):
         """Finished results not yet synced, oldest first (each with ``_seq`` for paging)."""
@@ -108,25 +159,14 @@ class ResultStore:
 
     # -- blocking implementation (used by the CLI directly) ---------------------------
 
-    def save_now(self, run_id, result):
-        validate_id(run_id, "run")
-        record = _record(run_id, result)
-        payload = json.dumps(record, sort_keys=True, default=str, ensure_ascii=False)
-        state = "local" if record["status"] in UNFINISHED else "pending"
-        now = self.clock()
-        self._make_room(len(payload))
-        with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO results (run_id, pipeline_id, pipeline_version, status, "
-                "sync_state, created_at, updated_at, owner, size, payload) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
-                "pipeline_id=excluded.pipeline_id, pipeline_version=excluded.pipeline_version,"
-                " status=excluded.status, sync_state=excluded.sync_state, "
-                "updated_at=excluded.updated_at, owner=excluded.owner, size=excluded.size, "
-                "payload=excluded.payload, synced_at=NULL, sync_error=NULL",
-                (run_id, record["pipeline_id"], record.get("pipeline_version"),
-                 record["status"], state, now, now, self._owner, len(payload), payload))
-        return record
+    def save_now(self, run_id, result, durable=True):
+        """``save`` for blocking callers (the CLI): its own transaction, in this thread."""
+        write = self._prepare(run_id, result, durable)
+        self._write([write])
+        return write.record
+
+    def flush_now(self):
+        self.db.make_durable()     # one fsync, or nothing when every commit is durable
 
     def pending_now(self, limit=100, after_id=0):
         rows = self.db.execute(
@@ -263,30 +303,114 @@ class ResultStore:
         return self.db.integrity_ok()
 
     def close(self):
+        """Commit what is queued (answering its callers), then close the file."""
+        with self._writer_lock:
+            self._closed = True
+            writer = self._writer
+        if writer is not None:
+            writer.close()
         self.db.close()
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _prepare(self, run_id, result, durable):
+        """Check and encode a row in the caller's thread, so a bad one fails its caller."""
+        validate_id(run_id, "run")
+        record = _record(run_id, result)
+        payload = json.dumps(record, sort_keys=True, default=str, ensure_ascii=False)
+        return _Write(record, payload, durable)
+
+    def _group_writer(self):
+        with self._writer_lock:
+            if self._closed:
+                raise StorageError(f"the result store {self.store_dir} is closed: nothing "
+                                   "more can be saved through it; open it again")
+            if self._writer is None:
+                self._writer = _GroupWriter(self, self.flush_idle_s)
+            return self._writer
+
+    def _write_group(self, writes):
+        """Commit ``writes`` together; returns each one's outcome (its record or error)."""
+        try:
+            self._write(writes)
+            return [write.record for write in writes]
+        except BusyError as error:
+            # Another process holds the file: alone, each would wait just as long again.
+            return [error] * len(writes)
+        except FmEdgeError as error:
+            if len(writes) == 1:
+                return [error]
+        # One row that does not fit (store or disk full) must not fail its neighbours.
+        outcomes = []
+        for write in writes:
+            try:
+                self._write([write])
+                outcomes.append(write.record)
+            except FmEdgeError as error:
+                outcomes.append(error)
+        return outcomes
+
+    def _write(self, writes):
+        """One transaction for ``writes``; durable (one fsync) if any of them asks."""
+        with self.db.lock:
+            # Space is checked once per group; the rejection is counted once per row
+            # refused, so a failed group (retried row by row) counts nothing itself.
+            self._make_room(sum(len(w.payload) for w in writes), len(writes),
+                            count=len(writes) == 1)
+            now = self.clock()
+            rows = [(w.record["run_id"], w.record["pipeline_id"],
+                     w.record.get("pipeline_version"), w.record["status"],
+                     "local" if w.record["status"] in UNFINISHED else "pending",
+                     now, now, self._owner, len(w.payload), w.payload) for w in writes]
+            with self.db.transaction(durable=any(w.durable for w in writes)) as conn:
+                conn.executemany(_UPSERT, rows)
+            self.commits += 1
 
     # -- space --------------------------------------------------------------------------
 
-    def _make_room(self, incoming):
-        self._check_free_disk(incoming)
-        while self.db.used_bytes() + incoming > self.max_bytes:
-            if self._evict("synced", "evicted_synced_for_space"):
-                continue
-            if self.full_policy == "drop_oldest" and self._evict("pending", "dropped_oldest"):
-                continue
-            raise StoreFullError(
-                f"result store {self.store_dir} is full ({self.max_bytes // 1048576} MB, "
-                f"policy {self.full_policy}): results are waiting to sync; reconnect the "
-                "cloud, raise result_store_max_mb, or set result_store_full_policy "
-                "to drop_oldest")
+    def _make_room(self, incoming, rows=1, count=True):
+        """Refuse ``incoming`` bytes (or evict for them) when the store or its disk is full.
 
-    def _check_free_disk(self, incoming):
-        if free_bytes(self.store_dir) - incoming < self.min_free_bytes:
-            self._count("rejected_disk_full", 1)
+        Measuring costs a statvfs and a page count, so a measurement grants a budget of
+        half the headroom it found; commits spend it (each row charged its size plus
+        _ROW_SLACK for index pages and WAL growth) and the next commit past it, or past
+        _MEASURE_EVERY_S (other programs fill disks too), measures again. Near a limit
+        the budget is small, so every commit is measured there.
+        """
+        charge = incoming + rows * _ROW_SLACK
+        if charge <= self._budget and time.monotonic() < self._measure_by:
+            self._budget -= charge
+            return
+        self._budget = 0
+        # Checked with the slack too: a group that fails half-written leaves the WAL file
+        # grown, and then even its rows retried one by one would find the disk full.
+        free = self._check_free_disk(charge, count)
+        used = self.db.used_bytes()
+        while used + incoming > self.max_bytes:
+            if not (self._evict("synced", "evicted_synced_for_space") or (
+                    self.full_policy == "drop_oldest" and
+                    self._evict("pending", "dropped_oldest"))):
+                raise StoreFullError(
+                    f"result store {self.store_dir} is full ({self.max_bytes // 1048576} "
+                    f"MB, policy {self.full_policy}): results are waiting to sync; "
+                    "reconnect the cloud, raise result_store_max_mb, or set "
+                    "result_store_full_policy to drop_oldest")
+            used = self.db.used_bytes()
+        headroom = min(self.max_bytes - used, free - self.min_free_bytes) - charge
+        self._budget = max(0, headroom // 2)
+        self._measure_by = time.monotonic() + _MEASURE_EVERY_S
+
+    def _check_free_disk(self, incoming, count=True):
+        """The disk's free bytes; raises when ``incoming`` would leave too few."""
+        free = free_bytes(self.store_dir)
+        if free - incoming < self.min_free_bytes:
+            if count:
+                self._count("rejected_disk_full", 1)
             raise StoreFullError(
                 f"the disk holding {self.store_dir} has less than "
                 f"{self.min_free_bytes // 1048576} MB free: free space on it, or lower "
                 "min_free_disk_mb")
+        return free
 
     def _evict(self, state, counter):
         with self.db.transaction() as conn:
@@ -307,6 +431,129 @@ class ResultStore:
         with self.db.transaction() as conn:
             conn.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) "
                          "DO UPDATE SET value = value + excluded.value", (name, amount))
+
+
+class _Write:
+    """One row waiting to be committed, and who waits for it."""
+
+    __slots__ = ("record", "payload", "durable", "loop", "future")
+
+    def __init__(self, record, payload, durable):
+        self.record, self.payload, self.durable = record, payload, durable
+        self.loop = self.future = None
+
+
+class _GroupWriter:
+    """The thread that commits queued saves in groups: everything queued while one
+    commit (and its fsync) ran goes into the next transaction, so N concurrent saves
+    cost a few fsyncs instead of N, with no timer delaying a lone save.
+
+    Rows committed without fsync get one once nothing else came for ``idle_s`` (under
+    load the next durable commit covers them sooner): a power cut can undo a run's start
+    record only within that moment, not for as long as a long run lasts.
+    """
+
+    def __init__(self, store, idle_s):
+        # Weakly: a store dropped without close() stops its writer (and then closes its
+        # file), as before it had one. Nothing can be queued then: a waiting save holds
+        # the store.
+        self._write_group = weakref.WeakMethod(store._write_group)
+        weakref.finalize(store, self.stop)
+        self._db = store.db
+        self._idle_s = idle_s
+        self._flush_failed = False
+        self._queue = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="fmedge-results-writer")
+        self._thread.start()
+
+    def put(self, write):
+        with self._cond:
+            self._queue.append(write)
+            self._cond.notify()
+
+    def stop(self):
+        """Let the thread end once it has committed everything queued."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+
+    def close(self):
+        self.stop()
+        self._thread.join()
+
+    def _run(self):
+        while True:
+            with self._cond:
+                if not self._queue and not self._closing:
+                    self._cond.wait(self._idle_s if self._db.unsynced else None)
+                if not self._queue:
+                    if self._closing:
+                        return
+                    group = None
+                else:
+                    group = self._queue[:_GROUP_MAX]
+                    del self._queue[:_GROUP_MAX]
+            if group is None:
+                self._flush_idle()
+            else:
+                self._commit(group)
+
+    def _commit(self, group):
+        write_group = self._write_group()    # held only while writing (see __init__)
+        for part in _fast_first(group):
+            try:
+                outcomes = write_group(part)
+            except Exception as error:       # a bug must reach the callers, not hang them
+                log.exception("result store: writing %d results failed", len(part))
+                outcomes = [error] * len(part)
+            _answer(part, outcomes)
+
+    def _flush_idle(self):
+        try:
+            self._db.make_durable()
+            self._flush_failed = False
+        except FmEdgeError as error:     # retried at the next idle moment; said once
+            if not self._flush_failed:
+                log.error("result store: cannot fsync the latest start records: %s", error)
+            self._flush_failed = True
+
+
+def _fast_first(group):
+    """Rows that need no fsync first, in their own commit, so that their callers (runs
+    about to start) do not wait for the durable rows' fsync; in queue order when one run
+    has rows in both kinds (the later row must win)."""
+    fast = [write for write in group if not write.durable]
+    if not fast or len(fast) == len(group):
+        return [group]
+    durable = [write for write in group if write.durable]
+    if {w.record["run_id"] for w in fast} & {w.record["run_id"] for w in durable}:
+        return [group]
+    return [fast, durable]
+
+
+def _answer(writes, outcomes):
+    """Resolve each caller's future in its own event loop (one wake-up per loop)."""
+    by_loop = {}
+    for write, outcome in zip(writes, outcomes):
+        by_loop.setdefault(write.loop, []).append((write.future, outcome))
+    for loop, answers in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, answers)
+        except RuntimeError:    # that loop is closed: nobody waits for these any more
+            pass
+
+
+def _resolve(answers):
+    for future, outcome in answers:
+        if future.done():       # the caller was cancelled meanwhile; the row is written
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def _record(run_id, result):

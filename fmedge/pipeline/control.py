@@ -16,7 +16,7 @@ import time
 
 from ..errors import ExecutionError, FmEdgeError, StageTimeoutError
 from .components.base import BreakLoop, ContinueLoop
-from .run import StageFailure, error_names, reference_error_name
+from .run import StageFailure, error_names, own_task, reference_error_name
 
 MAX_SUBPIPELINE_DEPTH = 5
 
@@ -39,7 +39,7 @@ async def _branch(run, stage, record, directive, upstream):
 
 async def _foreach(run, stage, record, directive, upstream):
     items = directive.get("loop_items") or []
-    body = [run.pipeline.stage(s) for s in directive.get("loop_stages") or []]
+    body = [run.plan.stage(s) for s in directive.get("loop_stages") or []]
     for body_stage in body:
         run.skip.setdefault(body_stage.id, "loop_body")   # their DAG slots are not rerun
     if not items or not body:
@@ -56,10 +56,14 @@ class _Loop:
         self.run, self.stage, self.record = run, stage, record
         self.directive, self.upstream, self.body, self.items = directive, upstream, body, items
         self.collected = []
+        self.item_variable = directive.get("item_variable") or "item"
+        self.index_variable = directive.get("index_variable") or "index"
 
     async def sequential(self):
         outputs = []
         for index, item in enumerate(self.items):
+            if self.run.busy():     # a long loop of quick stages never waits
+                await self.run.pause()
             try:
                 output = await self.iteration(index, item)
             except BreakLoop as signal:
@@ -90,8 +94,7 @@ class _Loop:
         return [o for o in outcomes if o is not _DROPPED]
 
     def loop_vars(self, index, item):
-        names = {self.directive.get("item_variable") or "item": item,
-                 self.directive.get("index_variable") or "index": index,
+        names = {self.item_variable: item, self.index_variable: index,
                  "loop_item": item, "loop_index": index, "loop_total": len(self.items),
                  "loop_remaining": len(self.items) - index - 1,
                  "loop_results": list(self.collected)}
@@ -101,17 +104,18 @@ class _Loop:
         """Run the body once; returns the last body stage's output, or _DROPPED."""
         loop_vars = self.loop_vars(index, item)
         scope = dict(self.upstream)
+        own = {self.item_variable: loop_vars[self.item_variable],
+               self.index_variable: loop_vars[self.index_variable]}
         scope[self.stage.id] = dict(self.record.output, current_item=item,
-                                    current_index=index, **{
-                                        k: v for k, v in loop_vars.items()
-                                        if k in (self.directive.get("item_variable") or "item",
-                                                 self.directive.get("index_variable") or "index")})
+                                    current_index=index, **own)
         last = None
         try:
             for body_stage in self.body:
                 record_id = f"{body_stage.id}_iter_{index}"
-                result = await self.run.execute(body_stage, scope, loop_vars, record_id,
-                                                on_error=False)
+                result = self.run.execute_now(body_stage, scope, loop_vars, record_id, False)
+                if result is None:
+                    result = await self.run.execute(body_stage, scope, loop_vars, record_id,
+                                                    on_error=False)
                 self.run.records[record_id] = result
                 scope[body_stage.id] = result.output
                 last = result.output
@@ -164,7 +168,7 @@ def _matches(error, wanted):
 async def _run_inline(run, stage_ids, scope, raise_errors=False):
     """Run stages in listed order on ``scope``; return the first error (or raise it)."""
     for stage_id in stage_ids:
-        stage = run.pipeline.stage(stage_id)
+        stage = run.plan.stage(stage_id)
         try:
             result = await run.execute(stage, scope, on_error=False)
         except StageFailure as failure:
@@ -211,6 +215,7 @@ async def _run_child(run, stage, directive):
         raise ExecutionError(f"stage {stage.id}: subpipelines nested deeper than "
                              f"{MAX_SUBPIPELINE_DEPTH} levels (a pipeline calling itself?)")
     timeout = (directive.get("timeout_ms") or 60000) / 1000.0
+    await own_task()      # the time limit below must stop this stage's task, no other
     child = run.services.run_child(directive["pipeline_id"], directive.get("input_data") or {},
                                    depth, directive.get("pipeline_version"))
     try:

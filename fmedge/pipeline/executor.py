@@ -25,11 +25,12 @@ from ..ids import validate_id
 from .document import canonical_json, parse_pipeline
 from .inputs import apply_input_schema
 from .result import CANCELLED, COMPLETED, RUN_FAILED, SUCCESS, TIMEOUT, ExecutionResult
-from .run import PipelineRun, RunState, StageFailure, reference_error_name
+from .run import PipelineRun, RunState, StageFailure, reference_error_name, start
 from .services import Services
 
 log = logging.getLogger("fmedge.executor")
-_PARSED_CACHE_SIZE = 64    # parsed pipelines kept per executor
+_PARSED_CACHE_SIZE = 64    # pipeline ids (and names) whose parsed documents are kept
+_VERSIONS_PER_ID = 4       # parsed documents kept per id: a few versions may alternate
 
 
 class EdgeExecutor:
@@ -148,13 +149,21 @@ class EdgeExecutor:
             # A child's meaning depends on its parents, which may change: parse anew.
             return parse_pipeline(document, pipeline_id=pipeline_id,
                                   lookup=self._lookup_parent)
-        key = (pipeline_id, canonical_json(document))
-        pipeline = self._parsed.get(key)
-        if pipeline is None:
-            pipeline = parse_pipeline(document, pipeline_id=pipeline_id)
-            if len(self._parsed) >= _PARSED_CACHE_SIZE:
-                self._parsed.pop(next(iter(self._parsed)))
-            self._parsed[key] = pipeline
+        # Compared, not serialised: == on a few dicts is C speed, a canonical dump is not.
+        key = (pipeline_id, _text(document.get("id")), _text(document.get("name")))
+        parsed = self._parsed.get(key, ())
+        for snapshot, pipeline in parsed:
+            if document == snapshot:
+                return pipeline
+        try:
+            snapshot = _snapshot(document)
+        except (_NotJson, RecursionError):
+            canonical_json(document)   # raises for what JSON cannot hold, as it always did
+            return parse_pipeline(document, pipeline_id=pipeline_id)
+        pipeline = parse_pipeline(document, pipeline_id=pipeline_id)
+        if key not in self._parsed and len(self._parsed) >= _PARSED_CACHE_SIZE:
+            self._parsed.pop(next(iter(self._parsed)))
+        self._parsed[key] = ((snapshot, pipeline),) + tuple(parsed)[:_VERSIONS_PER_ID - 1]
         return pipeline
 
     def _lookup_parent(self, parent_id):
@@ -194,25 +203,21 @@ class EdgeExecutor:
         self._active[run_id] = None     # cancellable from here on, even while recording
         if depth == 0:
             await self._save(result)
-        task = asyncio.ensure_future(run.run())
-        self._active[run_id] = task
-        if run_id in self._cancelled:
-            task.cancel()               # cancelled while its start was being recorded
         self.counters["runs"] += 1
         limit = self.config.execution_timeout if timeout is None else timeout
         try:
-            await self._wait(task, limit, result, run_id)
+            await self._wait(run, limit, result, run_id)
         finally:
             self._active.pop(run_id, None)
             self._cancelled.discard(run_id)
             self._finish(result, run, pipeline)
-            if depth == 0:
+            if depth == 0 and self.results is not None:   # no store: no task for a no-op
                 await asyncio.shield(self._save(result))
         return result
 
-    async def _wait(self, task, limit, result, run_id):
+    async def _wait(self, run, limit, result, run_id):
         try:
-            await asyncio.wait_for(task, limit)
+            await self._run_body(run, limit, run_id)
             result.status = COMPLETED
         except asyncio.TimeoutError:
             result.status, result.error_type = TIMEOUT, "TimeoutExecutionError"
@@ -230,11 +235,29 @@ class EdgeExecutor:
             result.status, result.error = RUN_FAILED, str(error)
             result.error_type = reference_error_name(error)
 
+    async def _run_body(self, run, limit, run_id):
+        """The run's stages, as a task under the run's time limit once they first wait. Until
+        then they run here: with no wait there is nothing to time out or cancel, and a long
+        stretch of quick stages pauses now and then (PipelineRun.pause)."""
+        started = time.monotonic()
+        body = run.run()
+        if run_id not in self._cancelled:
+            finished, body = start(body)
+            if finished:
+                return
+        task = asyncio.ensure_future(body)
+        self._active[run_id] = task
+        if run_id in self._cancelled:
+            task.cancel()               # cancelled while its start was being recorded
+        await asyncio.wait_for(task, max(0.0, limit - (time.monotonic() - started)))
+
     def _finish(self, result, run, pipeline):
         result.finished_at = self.clock()
         result.stages = dict(run.records)
         for record in run.records.values():
-            result.usage.merge(record.usage)
+            usage = record.usage_so_far
+            if usage is not None:
+                result.usage.merge(usage)
         result.output_stage_id, result.output = _output(run, pipeline)
 
     async def run_child(self, pipeline_id, inputs, depth, version=None):
@@ -250,10 +273,15 @@ class EdgeExecutor:
         store = self.results
         if store is None:
             return
-        from ..aio import run_blocking
+        from ..cache.results import UNFINISHED
 
         try:
-            await run_blocking(store.save_now, result.run_id, result.to_dict())
+            # Group-committed with other runs' records. A run's first records (pending,
+            # running) skip their own fsync: nobody has been told about the run yet, and
+            # whoever tells first (POST /run's 202) flushes the store before it does. The
+            # final record is durable before the caller gets the result.
+            await store.save(result.run_id, result.to_dict(),
+                             durable=result.status not in UNFINISHED)
         except FmEdgeError as error:
             # The run itself is not lost from the caller's view; the record is. Say so.
             log.error("run %s: could not record the result: %s", result.run_id, error)
@@ -318,6 +346,50 @@ class _Slot:
         self.executor._running -= 1
         self.executor._semaphore().release()
         return False
+
+
+def _text(value):
+    return value if type(value) is str else None
+
+
+class _NotJson(Exception):
+    """A document holds a value JSON has no place for."""
+
+
+def _snapshot(value):
+    """A copy of a JSON document that is == only to an identical one: numbers and
+    booleans compare with their type as well (1, 1.0 and true are different JSON)."""
+    kind = type(value)
+    if kind is str or value is None:
+        return value
+    if kind is dict:
+        copy = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _NotJson(key)
+            copy[key] = _snapshot(item)
+        return copy
+    if kind is list:
+        return [_snapshot(item) for item in value]
+    if kind in (bool, int, float):
+        return _Exact(value)
+    raise _NotJson(value)
+
+
+class _Exact:
+    """A number or boolean in a snapshot: equal only to the same type and spelling."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        if type(other) is not type(self.value):
+            return False
+        return repr(other) == repr(self.value) if type(other) is float else other == self.value
+
+    __hash__ = None
 
 
 def _output(run, pipeline):

@@ -446,6 +446,9 @@ def _comparing(fn):
     return compare
 
 
+_ORDERINGS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
+              ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
+
 _COMPARISONS = {
     ast.Eq: _comparing(operator.eq),
     ast.NotEq: _comparing(operator.ne),
@@ -933,14 +936,43 @@ class _Compiler:
         return load
 
     def attribute(self, node):
-        target = self.compile(node.value)
-        attr = node.attr
-        return lambda run, env: _get_attribute(target(run, env), attr)
+        return self._path(node)
 
     def subscript(self, node):
+        if isinstance(node.slice, ast.Constant):
+            return self._path(node)
         target = self.compile(node.value)
         key = self.compile(node.slice)
         return lambda run, env: _get_item(run, target(run, env), key(run, env))
+
+    def _path(self, node):
+        """``a.b['c'].d``: one closure walking the keys, not one closure per step."""
+        steps = []
+        while True:
+            if isinstance(node, ast.Attribute):
+                steps.append((False, node.attr))
+            elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+                steps.append((True, node.slice.value))
+            else:
+                break
+            node = node.value
+        steps.reverse()
+        target = self.compile(node)
+        name = node.id if isinstance(node, ast.Name) else None
+
+        def walk(run, env):
+            value = env.get(name, _MISSING) if name is not None else _MISSING
+            if value is _MISSING:
+                value = target(run, env)
+            for is_item, key in steps:
+                if type(value) is dict:   # the common case, inline: a key, else the rules
+                    found = value.get(key, _MISSING)
+                    if found is not _MISSING:
+                        value = found
+                        continue
+                value = _get_item(run, value, key) if is_item else _get_attribute(value, key)
+            return value
+        return walk
 
     def slice(self, node):
         parts = [self.compile(part) if part is not None else None
@@ -979,6 +1011,9 @@ class _Compiler:
                  for op, right in zip(node.ops, node.comparators)]
         if len(steps) == 1:
             op, right = steps[0]
+            plain = _ORDERINGS.get(type(node.ops[0]))
+            if plain is not None:     # fewer closures for the most common expressions
+                return self._ordering(plain, first, right, node.comparators[0])
             return lambda run, env: op(run, first(run, env), right(run, env))
 
         def chained(run, env):
@@ -990,6 +1025,25 @@ class _Compiler:
                 left = right
             return True
         return chained
+
+    @staticmethod
+    def _ordering(plain, first, right, right_node):
+        if isinstance(right_node, ast.Constant):
+            constant = right_node.value
+
+            def against_constant(run, env):
+                left = first(run, env)
+                if isinstance(left, _NESTED):
+                    run.charge(_cost(run, left))
+                return plain(left, constant)
+            return against_constant
+
+        def ordering(run, env):
+            left, right_value = first(run, env), right(run, env)
+            if isinstance(left, _NESTED):
+                run.charge(_cost(run, left))
+            return plain(left, right_value)
+        return ordering
 
     def ifexp(self, node):
         test, body, orelse = (self.compile(n) for n in (node.test, node.body, node.orelse))
@@ -1244,6 +1298,10 @@ def _to_plain(run, value):
     return value
 
 
+_new_run = object.__new__
+_PLAIN = frozenset((str, int, float, bool, list, dict, type(None)))
+
+
 def _describe(source):
     text = source.strip()
     return repr(text if len(text) <= 200 else text[:197] + "...")
@@ -1266,10 +1324,15 @@ class CompiledExpression:
         Returns a plain value (tuples, sets and lazy iterables become lists). Raises
         ExpressionError naming the expression on any failure.
         """
-        run = _Run(self._limits, clock)
+        run = _new_run(_Run)      # what _Run() makes, without a Python-level call
+        run.work_left, run.limits, run.clock, run.sizes = (
+            self._limits.max_work, self._limits, clock, {})
         env = names if names is not None else {}
         try:
-            return _to_plain(run, self._root(run, env))
+            value = self._root(run, env)
+            if type(value) in _PLAIN:
+                return value
+            return _to_plain(run, value)
         except ExpressionError as exc:
             detail = str(exc)
         except RecursionError:
@@ -1286,6 +1349,22 @@ class CompiledExpression:
 
 def compile_expression(source, limits=DEFAULT_LIMITS):
     """Parse and validate ``source`` once (cached); raises ExpressionError if not allowed."""
+    if limits is DEFAULT_LIMITS:
+        # Hashing the frozen Limits for the LRU key costs more than the lookup itself.
+        compiled = _DEFAULT_COMPILED.get(source) if type(source) is str else None
+        if compiled is None:
+            if len(_DEFAULT_COMPILED) >= _MAX_DEFAULT_COMPILED:
+                _DEFAULT_COMPILED.clear()
+            compiled = _DEFAULT_COMPILED[source] = _compile_checked(source, limits)
+        return compiled
+    return _compile_checked(source, limits)
+
+
+_DEFAULT_COMPILED = {}
+_MAX_DEFAULT_COMPILED = 2048
+
+
+def _compile_checked(source, limits):
     if not isinstance(source, str):
         raise ExpressionError("An expression must be a string, got a %s" % _type_name(source))
     return _compile_cached(source, limits)

@@ -12,10 +12,18 @@ COMPLETED, RUN_FAILED, CANCELLED, TIMEOUT = "completed", "failed", "cancelled", 
 
 def iso(timestamp):
     """UTC ISO-8601 with milliseconds and a Z, as the Studio's run records use."""
+    global _last_second
     if timestamp is None:
         return None
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
+    second, seconds = _last_second
+    if timestamp // 1 != second:
+        seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
+        _last_second = (timestamp // 1, seconds)
     return f"{seconds}.{int((timestamp % 1) * 1000):03d}Z"
+
+
+# The last whole second formatted: a run stamps all its records within a second or two.
+_last_second = (None, None)
 
 
 def skipped_marker(reason="control_flow"):
@@ -23,11 +31,27 @@ def skipped_marker(reason="control_flow"):
     return {"skipped": True, "reason": reason}
 
 
-@dataclass
 class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    models: Dict[str, int] = field(default_factory=dict)
+    """Tokens used (a plain class with slots: one is made for every stage record)."""
+
+    __slots__ = ("prompt_tokens", "completion_tokens", "models")
+
+    def __init__(self, prompt_tokens=0, completion_tokens=0, models=None):
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.models = {} if models is None else models
+
+    def __repr__(self):
+        return "Usage(prompt_tokens=%r, completion_tokens=%r, models=%r)" % (
+            self.prompt_tokens, self.completion_tokens, self.models)
+
+    def __eq__(self, other):
+        if type(other) is not Usage:
+            return NotImplemented
+        return (self.prompt_tokens, self.completion_tokens, self.models) == (
+            other.prompt_tokens, other.completion_tokens, other.models)
+
+    __hash__ = None
 
     @property
     def total_tokens(self):
@@ -51,20 +75,44 @@ class Usage:
                 "total_tokens": self.total_tokens, "models": dict(self.models)}
 
 
-@dataclass
 class StageRecord:
-    """What happened to one stage (or one foreach iteration of a body stage)."""
+    """What happened to one stage (or one foreach iteration of a body stage). A plain
+    class with slots, its Usage made when first asked for: a run makes one record for
+    every stage and every loop iteration, and most use no tokens."""
 
-    stage_id: str
-    component_type: str
-    status: str
-    output: Any = None
-    error: Optional[str] = None
-    error_type: Optional[str] = None
-    started_at: Optional[float] = None
-    finished_at: Optional[float] = None
-    attempts: int = 0
-    usage: Usage = field(default_factory=Usage)
+    __slots__ = ("stage_id", "component_type", "status", "output", "error", "error_type",
+                 "started_at", "finished_at", "attempts", "usage_so_far")
+    _FIELDS = __slots__[:-1] + ("usage",)
+
+    def __init__(self, stage_id, component_type, status, output=None, error=None,
+                 error_type=None, started_at=None, finished_at=None, attempts=0, usage=None):
+        self.stage_id = stage_id
+        self.component_type = component_type
+        self.status = status
+        self.output = output
+        self.error = error
+        self.error_type = error_type
+        self.started_at = started_at
+        self.finished_at = finished_at
+        self.attempts = attempts
+        self.usage_so_far = usage   # None until something asks for the usage
+
+    @property
+    def usage(self):
+        if self.usage_so_far is None:
+            self.usage_so_far = Usage()
+        return self.usage_so_far
+
+    def __repr__(self):
+        return "StageRecord(%s)" % ", ".join(
+            "%s=%r" % (name, getattr(self, name)) for name in self._FIELDS)
+
+    def __eq__(self, other):
+        if type(other) is not StageRecord:
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self._FIELDS)
+
+    __hash__ = None
 
     @property
     def duration_ms(self):
@@ -77,7 +125,11 @@ class StageRecord:
                 "status": self.status, "output": self.output, "error": self.error,
                 "error_type": self.error_type, "started_at": iso(self.started_at),
                 "completed_at": iso(self.finished_at), "duration_ms": self.duration_ms,
-                "attempts": self.attempts, "usage": self.usage.to_dict()}
+                "attempts": self.attempts,
+                "usage": (self.usage_so_far or _NO_USAGE).to_dict()}
+
+
+_NO_USAGE = Usage()   # read only: what a record that counted nothing reports
 
 
 @dataclass

@@ -21,6 +21,7 @@ Templates are compiled once and cached, so resolving the same string again costs
 lookup plus the key lookups themselves.
 """
 
+import functools
 import json
 import math
 import operator
@@ -31,7 +32,8 @@ from fmedge.errors import ExecutionError, ExpressionError, TemplateError
 from fmedge.pipeline.expr import BUILTINS, DEFAULT_LIMITS, compile_expression
 
 __all__ = ["NAMESPACES", "TemplateScope", "CompiledTemplate", "compile_template", "resolve",
-           "render_string", "has_templates", "to_text", "coerce"]
+           "compile_value", "fresh_copier", "render_string", "has_templates", "to_text",
+           "coerce"]
 
 NAMESPACES = ("input", "upstream", "stages", "env", "context")
 
@@ -49,10 +51,11 @@ class TemplateScope:
     ``env`` must already be filtered to the configured allow-list. ``clock`` feeds
     ``now()`` (seconds since the epoch, or a datetime). ``extra`` adds namespaces for a
     component's own templates (e.g. ``{"data": ...}`` for the gallery's json_transform
-    ``template`` objects); it cannot replace the five standard ones.
+    ``template`` objects); it cannot replace the five standard ones. A subclass may leave
+    ``context`` None and make it in ``_make_context`` when a template first reads it.
     """
 
-    __slots__ = ("input", "upstream", "env", "context", "clock", "extra", "_stages",
+    __slots__ = ("input", "upstream", "env", "_context", "clock", "extra", "_stages",
                  "_names")
 
     def __init__(self, input=None, upstream=None, env=None, context=None, *, clock=None,
@@ -60,12 +63,21 @@ class TemplateScope:
         self.input = {} if input is None else input
         self.upstream = {} if upstream is None else upstream
         self.env = {} if env is None else env
-        self.context = {} if context is None else context
+        self._context = context
         self.clock = clock
-        self.extra = {name: value for name, value in (extra or {}).items()
-                      if name not in NAMESPACES}
+        self.extra = {name: value for name, value in extra.items()
+                      if name not in NAMESPACES} if extra else _NO_EXTRA
         self._stages = None
         self._names = None
+
+    @property
+    def context(self):
+        if self._context is None:
+            self._context = self._make_context()
+        return self._context
+
+    def _make_context(self):
+        return {}
 
     @property
     def stages(self):
@@ -199,12 +211,13 @@ def _parse_segments(rest):
 class _PathPiece:
     """``namespace(.key|.N|[N])*``: dict keys and array indexes, nothing else."""
 
-    __slots__ = ("text", "head", "segments", "_root", "_fallback")
+    __slots__ = ("text", "head", "segments", "_keys", "_root", "_fallback")
 
     def __init__(self, text):
         self.text = text
         self.head = _HEAD.match(text).group()
         self.segments = _parse_segments(text[len(self.head):])
+        self._keys = tuple(key for key, _, _ in self.segments)
         self._root = operator.attrgetter(self.head) if self.head in NAMESPACES else None
         if self.head == "env" and len(self.segments) != 1:
             raise TemplateError(
@@ -220,9 +233,20 @@ class _PathPiece:
 
     def value(self, scope):
         if self._root is not None:
-            current = self._root(scope)
+            root = self._root(scope)
         else:
-            current = scope.extra_namespace(self.head, self.text)
+            root = scope.extra_namespace(self.head, self.text)
+        current = root
+        for key in self._keys:       # the common case: keys of dicts, all there
+            if type(current) is not dict:
+                return self._walk(scope, root)
+            current = current.get(key, _ABSENT)
+            if current is _ABSENT:
+                return self._walk(scope, root)
+        return current
+
+    def _walk(self, scope, current):
+        """The path under every rule: array indexes, and what to say when it is missing."""
         for depth, (key, index, _) in enumerate(self.segments):
             if isinstance(current, dict):
                 found = current.get(key, _ABSENT)
@@ -347,6 +371,7 @@ def _unknown_namespace(text, head):
 
 
 _ABSENT = object()
+_NO_EXTRA = {}   # shared, never written: most scopes have no extra namespaces
 
 
 # ---------------------------------------------------------------------------------------
@@ -411,6 +436,76 @@ def _resolve(value, scope):
     if isinstance(value, (list, tuple)):
         return [_resolve(item, scope) for item in value]
     return value
+
+
+def compile_value(value):
+    """``resolve(value, scope)`` compiled once into a function of the scope: every template
+    is parsed here, and the parts without templates are copied, not walked, on each call.
+    A template that does not compile fails when resolved, as with ``resolve``."""
+    try:
+        return _compile_value(value)
+    except RecursionError:    # absurdly deep: let resolve() report it on every call
+        return functools.partial(resolve, value)
+
+
+def _compile_value(value):
+    if isinstance(value, str):
+        return _compile_string(value) if "{{" in value else _constant(value)
+    if not isinstance(value, (dict, list, tuple)):
+        return _constant(value)
+    if not has_templates(value):
+        copy = fresh_copier(value)
+        return lambda scope: copy()
+    if isinstance(value, dict):
+        parts = tuple((key, _compile_value(item)) for key, item in value.items())
+
+        def resolve_dict(scope):
+            resolved = {}
+            for key, part in parts:
+                resolved[key] = part(scope)
+            return resolved
+        return resolve_dict
+    parts = tuple(_compile_value(item) for item in value)
+
+    def resolve_list(scope):
+        return [part(scope) for part in parts]
+    return resolve_list
+
+
+def _constant(value):
+    return lambda scope: value
+
+
+def _compile_string(text):
+    try:
+        compiled = compile_template(text)
+    except Exception:  # noqa: BLE001 - raised again, the same way, when it is resolved
+        return lambda scope: compile_template(text).render(scope)
+    return compiled.render if compiled.whole is None else compiled.whole.value
+
+
+def fresh_copier(value):
+    """A function returning a new copy of the template-free ``value`` on each call (dicts
+    and lists new, tuples as lists, as ``resolve`` returns them): what one run is given,
+    another run never sees changed."""
+    if isinstance(value, dict):
+        nested = tuple((key, fresh_copier(item)) for key, item in value.items()
+                       if isinstance(item, (dict, list, tuple)))
+        if not nested:
+            return functools.partial(dict, value)
+
+        def copy_dict():
+            fresh = dict(value)
+            for key, copy in nested:
+                fresh[key] = copy()
+            return fresh
+        return copy_dict
+    if isinstance(value, (list, tuple)):
+        if not any(isinstance(item, (dict, list, tuple)) for item in value):
+            return functools.partial(list, value)
+        parts = tuple(fresh_copier(item) for item in value)
+        return lambda: [copy() for copy in parts]
+    return lambda: value
 
 
 def has_templates(value):

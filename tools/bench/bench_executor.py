@@ -19,6 +19,8 @@ Figures (one JSON line each, a ratio against a baseline measured in the same run
   (``record=False``) against the same FlowMason figure, for where the time goes.
 - ``executor_run_vs_handwritten`` — the default run against a plain Python function chain
   doing the same transforms (no target: the engine's overhead factor).
+- ``executor_run_three_stages`` — microseconds per unrecorded run of the HTTP benchmark's
+  3-stage pipeline: the engine's fixed cost per run, which every API request pays.
 - ``cold_run_data_processor`` — ``python3 -I fm-edge.pyz run data-processor --input ...``
   against ``python3 -I -c pass``, medians of interleaved runs (target ratio <= 4), with
   the pyz's bytecode cache in a fresh folder filled by one first run; and
@@ -116,6 +118,16 @@ DOCUMENT = {
     ],
     "output_stage_id": "report",
 }
+
+
+# The HTTP benchmark's pipeline (bench_http.THREE_STAGES), for the fixed cost of a run.
+THREE_STAGES = {"id": "bench-three", "version": "1.0.0", "stages": [
+    {"id": "a", "type": "json_transform", "config": {"data": {"x": "{{input.x}}"}}},
+    {"id": "b", "type": "json_transform", "depends_on": ["a"],
+     "config": {"data": {"y": "{{upstream.a.result.x + 1}}"}}},
+    {"id": "c", "type": "json_transform", "depends_on": ["b"],
+     "config": {"data": {"z": "{{upstream.b.result.y * 2}}"}}},
+]}
 
 
 def hand_written(inputs):
@@ -316,6 +328,31 @@ def bench_engines(args, work):
            **extra)
 
 
+def bench_three_stages(args, work):
+    executor = EdgeExecutor(EdgeConfig(data_dir=os.path.join(work, "edge-three")),
+                            record=False)
+    runs = args.runs * 20     # a run is tens of microseconds: time batches of them
+
+    async def batch(count):
+        for _ in range(count):
+            result = await executor.execute(document=THREE_STAGES, inputs={"x": 1})
+        if result.status != "completed" or result.output["result"] != {"z": 4}:
+            raise SystemExit(f"fm-edge 3-stage run failed: {result.error}")
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(batch(50))                  # warm-up
+        samples = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            loop.run_until_complete(batch(runs))
+            samples.append((time.perf_counter() - start) / runs)
+    finally:
+        loop.close()
+    report("executor_run_three_stages", statistics.median(samples) * 1e6, "us",
+           fm_edge="record=False", stages=3, rounds=args.rounds, runs_per_round=runs)
+
+
 def bench_cold(args, work):
     pyz = build_pyz(os.path.join(work, "fm-edge.pyz"))
     data = os.path.join(work, "cold-data")
@@ -357,6 +394,7 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         bench_engines(args, work)
+        bench_three_stages(args, work)
         if not args.skip_cold:
             bench_cold(args, work)
 

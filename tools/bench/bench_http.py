@@ -12,8 +12,9 @@ on 127.0.0.1, measured in alternating rounds so drift hits both alike:
 
 Figures (one JSON line each):
 - `GET /health` requests/s and p99 latency (target ratio >= 0.7 of the baseline);
-- `POST /run/three-stage?wait=true` (three json_transform stages, two durable SQLite
-  commits per run) requests/s and p99 (target ratio >= 0.5). Against canned bytes this
+- `POST /run/three-stage?wait=true` (three json_transform stages; per run a start record
+  committed without its own fsync and a durable result, group-committed with other runs'
+  records) requests/s and p99 (target ratio >= 0.5). Against canned bytes this
   mostly measures the run itself, so a second figure compares it with the same runs
   through the library (`runtime.run`, same concurrency and limits, its own process):
   that ratio is the cost of the HTTP layer;

@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from ...errors import ExecutionError
+from ...errors import ExecutionError, ExpressionError
 
 MISSING = object()
 
@@ -104,13 +104,15 @@ class StageContext:
       upstream    {stage_id: output} this stage may see
     """
 
-    def __init__(self, stage, inputs, run, upstream, services, usage=None):
+    __slots__ = ("stage", "inputs", "run", "upstream", "_services", "_record")
+
+    def __init__(self, stage, inputs, run, upstream, services, record=None):
         self.stage = stage
         self.inputs = inputs
         self.run = run
         self.upstream = upstream
         self._services = services
-        self._usage = usage        # the Usage of this stage's record, when the run has one
+        self._record = record      # this stage's StageRecord, when the run keeps one
 
     @property
     def stage_id(self):
@@ -120,13 +122,24 @@ class StageContext:
         """Evaluate a safe expression (semantics §2.8) with ``names`` in scope."""
         return self._services.evaluate(expression, names)
 
+    def compiled(self, expression):
+        """``evaluate`` of one expression as a function of ``names``, compiled once (for a
+        condition tested on many items); None if it does not compile (``evaluate`` says
+        why, each time it is called)."""
+        from ..expr import compile_expression
+
+        try:
+            return compile_expression(expression).evaluate
+        except ExpressionError:
+            return None
+
     def llm(self, model: Optional[str] = None):
         """The LocalLLMAdapter for this stage (stage ``model`` overrides the default)."""
         return self._services.llm_adapter(self.stage, model)
 
     def add_usage(self, prompt_tokens=0, completion_tokens=0, model=None):
-        if self._usage is not None:
-            self._usage.add(prompt_tokens, completion_tokens, model)
+        if self._record is not None:
+            self._record.usage.add(prompt_tokens, completion_tokens, model)
         else:
             self._services.add_usage(self.stage.id, prompt_tokens, completion_tokens, model)
 

@@ -12,6 +12,7 @@ Shared conventions:
   field, the value and the fix, instead of being silently ignored as in the reference.
 """
 
+import functools
 import hashlib
 import itertools
 import json
@@ -32,8 +33,15 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def path_steps(path):
     """``"a.b[0].c"`` -> ``["a", "b", 0, "c"]`` (the reference's dot-and-bracket syntax)."""
+    steps = _parsed_path(str(path))
+    return None if steps is None else list(steps)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_path(path):
+    """The steps of ``path`` as a tuple, parsed once: the same paths come back every run."""
     steps = []
-    for part in str(path).replace("[", ".[").split("."):
+    for part in path.replace("[", ".[").split("."):
         if not part:
             continue
         if part.startswith("[") and part.endswith("]"):
@@ -43,17 +51,20 @@ def path_steps(path):
                 return None   # "[x]" is not an index: the path matches nothing
         else:
             steps.append(part)
-    return steps
+    return tuple(steps)
 
 
 def lookup_path(data, path):
     """The value at ``path`` inside ``data``, or None when any step is missing."""
-    steps = path_steps(path)
+    steps = _parsed_path(path if type(path) is str else str(path))
     if steps is None:
         return None
     current = data
     for step in steps:
-        current = _step(current, step)
+        if type(step) is str and type(current) is dict:   # the common case, inline
+            current = current.get(step)
+        else:
+            current = _step(current, step)
         if current is None:
             return None
     return current
@@ -73,6 +84,8 @@ def _step(current, step):
 
 def _choice(type_name, field, value, choices, aliases=None):
     """``value`` matched case-insensitively against ``choices``; MappingError otherwise."""
+    if type(value) is str and value in choices:   # as written, the usual case
+        return value
     word = str(value).strip().lower()
     word = (aliases or {}).get(word, word)
     if word in choices:
@@ -368,26 +381,36 @@ def filter_data(ctx):
 
 def _filter_array(ctx, inputs, items):
     kept = []
+    keep_passed = not inputs.get("invert")
+    condition = inputs.get("condition")
+    evaluate = ctx.compiled(condition) if condition and isinstance(condition, str) else None
     for item in items:
-        passed, _ = _test(ctx, inputs, item, "item")
-        if passed != bool(inputs.get("invert")):
+        try:
+            passed = bool(evaluate({"item": item})) if evaluate is not None else None
+        except ExpressionError:
+            passed = None     # tested again below, which logs and handles the error
+        if passed is None:
+            passed, _ = _test(ctx, inputs, item, "item", explain=False)
+        if passed == keep_passed:
             kept.append(item)
     dropped = len(items) - len(kept)
     return {"passed": bool(kept), "data": kept, "filtered_count": dropped,
             "reason": "Filtered {} items, {} passed".format(dropped, len(kept))}
 
 
-def _test(ctx, inputs, value, name):
+def _test(ctx, inputs, value, name, explain=True):
+    """(passed, why); ``why`` only when ``explain`` (an array filter drops it)."""
     condition = inputs.get("condition")
     if condition:
-        return _test_condition(ctx, condition, value, name, inputs.get("pass_if_missing"))
+        return _test_condition(ctx, condition, value, name, inputs.get("pass_if_missing"),
+                               explain)
     conditions = inputs.get("field_conditions")
     if conditions:
         return _test_fields(conditions, value, inputs.get("pass_if_missing"))
     return True, "No conditions specified"
 
 
-def _test_condition(ctx, condition, value, name, pass_if_missing):
+def _test_condition(ctx, condition, value, name, pass_if_missing, explain=True):
     try:
         result = ctx.evaluate(condition, {name: value})
     except ExpressionError as error:
@@ -398,6 +421,8 @@ def _test_condition(ctx, condition, value, name, pass_if_missing):
         if pass_if_missing:
             return True, "Expression error (pass_if_missing): {}{}".format(error, hint)
         return False, "Expression error: {}{}".format(error, hint)
+    if not explain:
+        return bool(result), None
     return bool(result), "Expression {!r} = {!r}".format(condition, result)
 
 
