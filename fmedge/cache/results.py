@@ -123,13 +123,19 @@ class ResultStore:
         but a power cut may undo it, until a later durable commit (or ``flush``) covers it.
         Only for rows nobody has been told about yet (a run's start record).
         """
+        return await self.queue_save(run_id, result, durable)
+
+    def queue_save(self, run_id, result, durable=True):
+        """``save`` without waiting: queues the row and returns the asyncio future that
+        ``save`` awaits (the record, or the error). Rows are committed in queue order, so
+        a run's later row still wins over an earlier one that nobody waited for."""
         import asyncio  # imported here: the CLI's fast paths never need asyncio
 
         write = self._prepare(run_id, result, durable)
         loop = asyncio.get_running_loop()
         write.loop, write.future = loop, loop.create_future()
         self._group_writer().put(write)
-        return await write.future
+        return write.future
 
     async def flush(self):
         """Returns once every row committed so far is durable, ``durable=False`` ones
@@ -317,7 +323,7 @@ class ResultStore:
         """Check and encode a row in the caller's thread, so a bad one fails its caller."""
         validate_id(run_id, "run")
         record = _record(run_id, result)
-        payload = json.dumps(record, sort_keys=True, default=str, ensure_ascii=False)
+        payload = json.dumps(record, default=str, ensure_ascii=False)
         return _Write(record, payload, durable)
 
     def _group_writer(self):
@@ -502,14 +508,16 @@ class _GroupWriter:
                 self._commit(group)
 
     def _commit(self, group):
+        # One transaction for the whole group, in queue order (a run's later row wins).
+        # Start records are not split off into a quicker commit of their own: the
+        # executor queues them without waiting, so nobody would gain from it.
         write_group = self._write_group()    # held only while writing (see __init__)
-        for part in _fast_first(group):
-            try:
-                outcomes = write_group(part)
-            except Exception as error:       # a bug must reach the callers, not hang them
-                log.exception("result store: writing %d results failed", len(part))
-                outcomes = [error] * len(part)
-            _answer(part, outcomes)
+        try:
+            outcomes = write_group(group)
+        except Exception as error:           # a bug must reach the callers, not hang them
+            log.exception("result store: writing %d results failed", len(group))
+            outcomes = [error] * len(group)
+        _answer(group, outcomes)
 
     def _flush_idle(self):
         try:
@@ -519,19 +527,6 @@ class _GroupWriter:
             if not self._flush_failed:
                 log.error("result store: cannot fsync the latest start records: %s", error)
             self._flush_failed = True
-
-
-def _fast_first(group):
-    """Rows that need no fsync first, in their own commit, so that their callers (runs
-    about to start) do not wait for the durable rows' fsync; in queue order when one run
-    has rows in both kinds (the later row must win)."""
-    fast = [write for write in group if not write.durable]
-    if not fast or len(fast) == len(group):
-        return [group]
-    durable = [write for write in group if write.durable]
-    if {w.record["run_id"] for w in fast} & {w.record["run_id"] for w in durable}:
-        return [group]
-    return [fast, durable]
 
 
 def _answer(writes, outcomes):

@@ -8,8 +8,12 @@ an :class:`ExecutionResult` with ``status``, ``output`` and ``duration_ms`` (plu
   past that the caller gets BusyError (HTTP 429);
 * ``execution_timeout`` bounds a whole run, ``timeout_ms`` each stage attempt; both cancel
   the work itself (an LLM generation included), not just the wait for it;
-* each run is recorded durably in the ResultStore when it starts (``running``) and when it
-  ends, so a crash leaves an ``interrupted`` record, never a lost run.
+* each run is recorded in the ResultStore when it is queued (``pending``) or starts
+  (``running``), and durably when it ends, before its caller gets the result: a crash
+  leaves an ``interrupted`` record, never a lost run. The first record is queued without
+  waiting and without its own fsync (nobody has been told about the run yet; POST /run
+  flushes the store before its 202); the run slot is given back before the final record's
+  group commit, which needs none.
 """
 
 import asyncio
@@ -102,8 +106,8 @@ class EdgeExecutor:
         pipeline = await self.load(pipeline_id, document)
         inputs = apply_input_schema(pipeline, inputs)
         run_id = validate_id(run_id, "run") if run_id else uuid.uuid4().hex
-        async with _Slot(self, self._pending_record(pipeline, inputs, run_id)):
-            return await self._run(pipeline, inputs, run_id, timeout)
+        async with _Slot(self, self._pending_record(pipeline, inputs, run_id)) as slot:
+            return await self._run(pipeline, inputs, run_id, timeout, slot=slot)
 
     def _pending_record(self, pipeline, inputs, run_id):
         """What a run that must wait for a slot writes: once a caller has been told
@@ -114,8 +118,9 @@ class EdgeExecutor:
                 run_id=run_id, pipeline_id=pipeline.id, pipeline_version=pipeline.version,
                 status=status, error=error, inputs=inputs, started_at=self.clock(),
                 device_id=self.device_id)
-            if status != "pending":
-                result.finished_at = self.clock()
+            if status == "pending":
+                return self._record_start(result)
+            result.finished_at = self.clock()
             return self._save(result)
         return record
 
@@ -126,9 +131,9 @@ class EdgeExecutor:
             if not pipeline_id:
                 raise UsageError("give a pipeline id or a pipeline document to run")
             validate_id(pipeline_id, "pipeline")
-            from ..aio import run_blocking
-
-            document = await run_blocking(self.pipelines.get_now, pipeline_id)
+            # Read here, not in a worker thread: a point read of a WAL database never
+            # waits for other processes, and two thread hand-offs per run cost more.
+            document = self.pipelines.get_now(pipeline_id)
             if document is None:
                 from ..examples import example
 
@@ -192,7 +197,7 @@ class EdgeExecutor:
 
     # -- one run ------------------------------------------------------------------------
 
-    async def _run(self, pipeline, inputs, run_id, timeout, depth=0):
+    async def _run(self, pipeline, inputs, run_id, timeout, depth=0, slot=None):
         result = ExecutionResult(run_id=run_id, pipeline_id=pipeline.id,
                                  pipeline_version=pipeline.version, inputs=inputs,
                                  started_at=self.clock(), device_id=self.device_id)
@@ -200,9 +205,9 @@ class EdgeExecutor:
                          self._allowed_env(), depth)
         services = Services(self, state, result)
         run = PipelineRun(state, services, rng=self.rng, clock=self.clock)
-        self._active[run_id] = None     # cancellable from here on, even while recording
+        self._active[run_id] = None     # cancellable from here on
         if depth == 0:
-            await self._save(result)
+            self._record_start(result)
         self.counters["runs"] += 1
         limit = self.config.execution_timeout if timeout is None else timeout
         try:
@@ -212,6 +217,10 @@ class EdgeExecutor:
             self._cancelled.discard(run_id)
             self._finish(result, run, pipeline)
             if depth == 0 and self.results is not None:   # no store: no task for a no-op
+                if slot is not None:
+                    # Recording needs no run slot: the next run starts while this one's
+                    # record waits for its (group) commit.
+                    slot.release()
                 await asyncio.shield(self._save(result))
         return result
 
@@ -269,6 +278,20 @@ class EdgeExecutor:
         inputs = apply_input_schema(pipeline, inputs)
         return await self._run(pipeline, inputs, uuid.uuid4().hex, None, depth=depth)
 
+    def _record_start(self, result):
+        """Queue a run's first record (pending or running) without waiting for it: it is
+        committed before the run's later records (queue order), without its own fsync
+        (nobody has been told about the run yet; POST /run flushes before its 202)."""
+        store = self.results
+        if store is None:
+            return
+        try:
+            future = store.queue_save(result.run_id, result.to_dict(), durable=False)
+        except FmEdgeError as error:
+            log.error("run %s: could not record its start: %s", result.run_id, error)
+            return
+        future.add_done_callback(lambda done: _log_start_failure(result.run_id, done))
+
     async def _save(self, result):
         store = self.results
         if store is None:
@@ -315,7 +338,8 @@ class _Slot:
 
     def __init__(self, executor, record=None):
         self.executor = executor
-        self.record = record            # record(status) -> awaitable, for a queued run
+        self.record = record            # record(status), for a queued run
+        self._held = False
 
     async def __aenter__(self):
         executor = self.executor
@@ -331,7 +355,7 @@ class _Slot:
         recorded = must_wait and self.record is not None and executor.record
         try:
             if recorded:
-                await self.record("pending")
+                self.record("pending")       # queued; the slot wait does not wait for it
             await semaphore.acquire()
         except asyncio.CancelledError:
             if recorded:
@@ -340,12 +364,25 @@ class _Slot:
         finally:
             executor._waiting -= 1
         executor._running += 1
+        self._held = True
         return self
 
+    def release(self):
+        """Give the slot back (at most once): before the end of the ``async with`` when
+        the run is done and only its record remains to be written."""
+        if self._held:
+            self._held = False
+            self.executor._running -= 1
+            self.executor._semaphore().release()
+
     async def __aexit__(self, *exc):
-        self.executor._running -= 1
-        self.executor._semaphore().release()
+        self.release()
         return False
+
+
+def _log_start_failure(run_id, done):
+    if not done.cancelled() and done.exception() is not None:
+        log.error("run %s: could not record its start: %s", run_id, done.exception())
 
 
 def _text(value):
