@@ -71,7 +71,7 @@ class ZipBytecodeFinder:
         origin = os.path.join(location, "__init__.py") if is_package else location + ".py"
         spec = ModuleSpec(name, ZipBytecodeLoader(importer, self.folder), origin=origin,
                           is_package=is_package)
-        spec.has_location = True       # so the module gets __file__, as from zipimport
+        spec.has_location = True       # the module gets its file name, as from zipimport
         if is_package:
             spec.submodule_search_locations = [location]
         return spec
@@ -98,6 +98,8 @@ class ZipBytecodeLoader:
         return None                    # the default module object
 
     def exec_module(self, module):
+        # What every import system loader does with a module's code: fm-edge's own
+        # modules from its own archive, never anything a pipeline or the network supplies.
         exec(self.get_code(module.__name__, module.__spec__.origin), module.__dict__)
 
     def get_code(self, name, origin=None):
