@@ -21,12 +21,24 @@ MODELS = ["llama3.2", "qwen2.5:0.5b"]
 # assertion depends on it.
 HANG_GUARD_S = 60
 
-__all__ = ["Reply", "run", "standin", "refused_url", "MODELS"]
+__all__ = ["Reply", "run", "using", "collect", "standin", "refused_url", "MODELS"]
 
 
 def run(coro):
     """Run one coroutine on a fresh event loop."""
     return asyncio.run(asyncio.wait_for(coro, HANG_GUARD_S))
+
+
+async def using(adapter, call):
+    """``await call(adapter)``, then close the adapter whatever happened."""
+    try:
+        return await call(adapter)
+    finally:
+        await adapter.close()
+
+
+async def collect(aiterator):
+    return [piece async for piece in aiterator]
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_model import REPO, tiny_gguf, tiny_gguf_raw  # noqa: E402,F401  (fixtures)
+from peers import collect  # noqa: E402
 
 from fmedge.adapters import GenerationResult, LlamaCppAdapter  # noqa: E402
 from fmedge.adapters.llamacpp import CONTEXT_MARGIN, LLAMA_CPP_PIN  # noqa: E402
@@ -41,10 +42,6 @@ async def wait_until(predicate, what):
     while not predicate():
         assert time.monotonic() < deadline, "gave up waiting for " + what
         await asyncio.sleep(0.001)
-
-
-async def collect(stream):
-    return [piece async for piece in stream]
 
 
 def python_subprocess(code, *args):

@@ -11,7 +11,7 @@ from fmedge.adapters.ollama import PullProgress
 from fmedge.errors import (BackendUnavailableError, BusyError, LLMError,
                            ModelNotFoundError, UsageError)
 import peers
-from peers import Reply, run
+from peers import Reply, collect, run, using
 
 # Fixtures (a real stand-in server per test; a port that refuses connections).
 standin = peers.standin
@@ -23,20 +23,9 @@ def adapter_for(server, **kwargs):
     return OllamaAdapter(base_url=server.url, **kwargs)
 
 
-async def using(adapter, call):
-    try:
-        return await call(adapter)
-    finally:
-        await adapter.close()
-
-
 def call(server, fn, **kwargs):
     """Run ``fn(adapter)`` against the stand-in with a fresh adapter."""
     return run(using(adapter_for(server, **kwargs), fn))
-
-
-async def collect(aiterator):
-    return [piece async for piece in aiterator]
 
 
 def last_body(server, path):

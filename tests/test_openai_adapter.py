@@ -9,7 +9,7 @@ from fmedge.adapters import OpenAIAdapter
 from fmedge.adapters.http import BackendBusyError
 from fmedge.errors import BackendUnavailableError, ConfigError, LLMError, ModelNotFoundError
 import peers
-from peers import Reply, run
+from peers import Reply, collect, run, using
 
 # Fixtures (a real stand-in server per test; a port that refuses connections).
 standin = peers.standin
@@ -21,19 +21,8 @@ def adapter_for(server, **kwargs):
     return OpenAIAdapter(base_url=server.url + "/v1", **kwargs)
 
 
-async def using(adapter, call):
-    try:
-        return await call(adapter)
-    finally:
-        await adapter.close()
-
-
 def call(server, fn, **kwargs):
     return run(using(adapter_for(server, **kwargs), fn))
-
-
-async def collect(aiterator):
-    return [piece async for piece in aiterator]
 
 
 def last(server, path):

@@ -236,15 +236,19 @@ class ChaosProxy:
             return
         self._writers.add(up_writer)
         try:
-            await asyncio.gather(self._pipe_up(client_reader, up_writer, client_writer, mode),
-                                 self._pipe_down(up_reader, client_writer, up_writer, mode))
+            await asyncio.gather(
+                self._pipe(client_reader, up_writer, client_writer, mode, upward=True),
+                self._pipe(up_reader, client_writer, up_writer, mode, upward=False))
         finally:
             self._writers.discard(up_writer)
             _close(up_writer)
 
-    async def _pipe_up(self, reader, writer, other, mode):
-        """Client → upstream, honouring latency and cut_request_after."""
-        sent, limit = 0, mode["cut_request_after"]
+    async def _pipe(self, reader, writer, other, mode, upward):
+        """One direction of a proxied connection: client → upstream (``upward``, honouring
+        latency and cut_request_after) or upstream → client (latency, cut_after and
+        drop_response)."""
+        sent, limit = 0, mode["cut_request_after" if upward else "cut_after"]
+        counter = "bytes_up" if upward else "bytes_down"
         try:
             while True:
                 data = await reader.read(CHUNK)
@@ -252,34 +256,7 @@ class ChaosProxy:
                     break
                 if self._link_is_down(writer, other):
                     return
-                await self._delay(mode)
-                if limit is not None and sent + len(data) > limit:
-                    writer.write(data[:limit - sent])
-                    await writer.drain()
-                    self.stats["cuts"] += 1
-                    _kill(writer)
-                    _kill(other)
-                    return
-                sent += len(data)
-                self.stats["bytes_up"] += len(data)   # counted before the peer can see it
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            _close(writer)
-
-    async def _pipe_down(self, reader, writer, other, mode):
-        """Upstream → client, honouring latency, cut_after and drop_response."""
-        sent, limit = 0, mode["cut_after"]
-        try:
-            while True:
-                data = await reader.read(CHUNK)
-                if not data:
-                    break
-                if self._link_is_down(writer, other):
-                    return
-                if mode["drop_response"]:
+                if not upward and mode["drop_response"]:
                     # The upstream answered, so it has read and handled the whole request.
                     self.stats["responses_dropped"] += 1
                     _kill(writer)
@@ -287,15 +264,18 @@ class ChaosProxy:
                     return
                 await self._delay(mode)
                 if limit is not None and sent + len(data) > limit:
-                    # A clean close after the partial bytes: a reset could make the kernel
-                    # discard data the client has not read yet, hiding the truncation.
                     writer.write(data[:limit - sent])
                     await writer.drain()
                     self.stats["cuts"] += 1
+                    if upward:
+                        _kill(writer)   # the upstream sees the request reset, incomplete
+                    # A response ends with a clean close after the partial bytes: a reset
+                    # could make the kernel discard data the client has not read yet,
+                    # hiding the truncation.
                     _kill(other)
                     return
                 sent += len(data)
-                self.stats["bytes_down"] += len(data)   # counted before the peer can see it
+                self.stats[counter] += len(data)   # counted before the peer can see it
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

@@ -4,6 +4,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Dict, List, Optional
 
+from ..errors import UsageError
+
 
 @dataclass
 class GenerationResult:
@@ -65,3 +67,10 @@ class LocalLLMAdapter(ABC):
 
     async def close(self) -> None:
         """Release connections or loaded models. Safe to call twice."""
+
+
+def check_messages(messages):
+    """What ``chat`` accepts before a request is made: a list of {role, content} objects."""
+    if not isinstance(messages, list):
+        raise UsageError(f"chat messages must be a list of {{role, content}} objects, "
+                         f"got {type(messages).__name__}")

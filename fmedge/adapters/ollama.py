@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 from ..defaults import DEFAULT_LLM_MODEL
 from ..errors import LLMError, ModelNotFoundError, UsageError
 from ..ollama_host import parse_ollama_host
-from .base import GenerationResult, LocalLLMAdapter
+from .base import GenerationResult, LocalLLMAdapter, check_messages
 from .http import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT,
                    BackendBusyError, HttpClient, HttpStatusError, JsonCalls, decode_json)
 
@@ -103,9 +103,7 @@ class OllamaAdapter(JsonCalls, LocalLLMAdapter):
                    seed: Optional[int] = None, json: bool = False,
                    model: Optional[str] = None) -> GenerationResult:
         name = self._model(model)
-        if not isinstance(messages, list):
-            raise UsageError(f"chat messages must be a list of {{role, content}} objects, "
-                             f"got {type(messages).__name__}")
+        check_messages(messages)
         body = self._body(name, temperature, max_tokens, stop, seed, json, stream=False)
         body["messages"] = messages
         started = time.monotonic()

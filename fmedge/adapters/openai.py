@@ -12,8 +12,8 @@ import time
 from typing import AsyncIterator, Dict, List, Optional
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError, LLMError, ModelNotFoundError, UsageError
-from .base import GenerationResult, LocalLLMAdapter
+from ..errors import ConfigError, LLMError, ModelNotFoundError
+from .base import GenerationResult, LocalLLMAdapter, check_messages
 from .http import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT,
                    BackendBusyError, HttpClient, HttpStatusError, JsonCalls, decode_json)
 
@@ -89,9 +89,7 @@ class OpenAIAdapter(JsonCalls, LocalLLMAdapter):
                    max_tokens: int = 512, stop: Optional[List[str]] = None,
                    seed: Optional[int] = None, json: bool = False,
                    model: Optional[str] = None) -> GenerationResult:
-        if not isinstance(messages, list):
-            raise UsageError(f"chat messages must be a list of {{role, content}} objects, "
-                             f"got {type(messages).__name__}")
+        check_messages(messages)
         name = model or self.model
         body = self._body(name, temperature, max_tokens, stop, seed, json, stream=False)
         body["messages"] = messages
