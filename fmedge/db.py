@@ -87,6 +87,26 @@ class Database:
                 if not durable:
                     self.conn.execute("PRAGMA synchronous=FULL")
 
+    def write(self, sql, params=(), durable=True):
+        """One statement as its own transaction (SQLite's autocommit): one call into SQLite
+        where ``transaction`` makes three (BEGIN, the statement, COMMIT). Each call gives up
+        the GIL, and under load a thread waits behind all the others to get it back.
+        Only for a statement that changes a page (see ``transaction``)."""
+        if durable and self.unsynced:
+            # Covering earlier commits needs the page-1 rewrite ``transaction`` does.
+            with self.transaction() as conn:
+                conn.execute(sql, params)
+            return
+        with self.lock, self.errors():
+            if not durable:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self.conn.execute(sql, params)
+                self.unsynced = not durable
+            finally:
+                if not durable:
+                    self.conn.execute("PRAGMA synchronous=FULL")
+
     def make_durable(self):
         """Make every commit so far durable (those made with ``durable=False`` too); one
         fsync, or nothing when they already are."""

@@ -1,5 +1,7 @@
 """Validation of the ids that become SQLite keys, URL parts and file names."""
 
+import os
+import random
 import re
 
 from .defaults import MAX_ID_LENGTH
@@ -46,3 +48,23 @@ def _problem(value):
 def _shown(value):
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "...'"
+
+
+def new_run_id():
+    """A fresh run id: 32 random hex digits, like ``uuid4().hex``.
+
+    Drawn from a generator seeded once from os.urandom (and again in a forked child)
+    rather than from os.urandom each time: that system call gives up the GIL, and under
+    load the thread then waits behind every other one to get it back. Run ids must be
+    unique, not secret: reading a run's result needs the API token anyway.
+    """
+    return "%032x" % _run_ids.getrandbits(128)
+
+
+def _reseed():
+    _run_ids.seed(os.urandom(32))
+
+
+_run_ids = random.Random(os.urandom(32))
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed)

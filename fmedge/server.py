@@ -46,12 +46,12 @@ import signal
 import socket
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .errors import ConfigError, FmEdgeError, NotFoundError, OfflineError
-from .ids import validate_id
+from .ids import new_run_id, validate_id
+from .pipeline.run import start
 from .server_security import (HttpError, ServerLimits, check_bind, check_host,
                               check_idempotency_key, check_origin, check_query_credentials,
                               check_token, is_loopback_host)
@@ -998,11 +998,16 @@ class _Runs:
     # -- starting -----------------------------------------------------------------------------
 
     def start(self, pipeline_id, inputs, wait_s, key, fingerprint):
+        # Read here, not in the runtime loop: a database read gives up the GIL, and the
+        # loop, which every run passes through, would wait behind every other thread to
+        # get it back. (A replayed key reads it for nothing; that is rare.)
+        document = self.runtime.pipelines.get_now(pipeline_id)
         with self._lock:
             known = self._claimed(key, fingerprint) if key else None
             if known is None:
-                run_id = uuid.uuid4().hex
-                future = self._submit(pipeline_id, inputs, run_id, key, fingerprint)
+                run_id = new_run_id()
+                future = self._submit(pipeline_id, document, inputs, run_id, key,
+                                      fingerprint)
         if known is not None:
             reply = self._replay(known, wait_s)
             reply.headers["Idempotent-Replayed"] = "true"
@@ -1020,19 +1025,19 @@ class _Runs:
         self._keys.move_to_end(key)
         return entry[1]
 
-    def _submit(self, pipeline_id, inputs, run_id, key, fingerprint):
+    def _submit(self, pipeline_id, document, inputs, run_id, key, fingerprint):
         if key:
             # Remembered before submitting: a refusal's callback may run at once and must
             # find the key to forget it.
             self._keys[key] = (fingerprint, run_id)
             while len(self._keys) > IDEMPOTENCY_KEYS_KEPT:
                 self._keys.popitem(last=False)
-        run = self.runtime.executor.execute(pipeline_id=pipeline_id, inputs=inputs,
-                                            run_id=run_id)
+        future = _RunFuture()
         try:
-            future = self.server.loop.submit(run)
+            self.server.loop.loop.call_soon_threadsafe(
+                _begin_run, self.runtime.executor, future, pipeline_id, document, inputs,
+                run_id)
         except RuntimeError:   # the loop is closed: the server is stopping
-            run.close()
             self._keys.pop(key, None)
             raise HttpError(503, "shutting_down", "the server is shutting down and starts "
                             "no new runs: retry when it is back") from None
@@ -1047,7 +1052,7 @@ class _Runs:
             if refused and key and self._keys.get(key, (None, None))[1] == run_id:
                 del self._keys[key]    # it never ran: the same key may be used again
         if not refused:
-            result = future.result()
+            result = future.result()[0]
             self.server.counters.run_finished(result.status, result.duration_ms / 1000.0)
 
     # -- answering ----------------------------------------------------------------------------
@@ -1055,11 +1060,14 @@ class _Runs:
     def _answer(self, run_id, future, wait_s):
         if wait_s is not None and self._take_waiter():
             try:
-                result = _result_within(future, wait_s)
+                outcome = _result_within(future, wait_s)
             finally:
                 self._release_waiter()
-            if result is not None:
-                return Reply(200, result.to_dict())
+            if outcome is not None:
+                result, payload = outcome
+                # The stored record's JSON is the answer: no second encoding.
+                return Reply(200, body=payload.encode("utf-8")) if payload is not None \
+                    else Reply(200, result.to_dict())
         status = self._admission(run_id, future)
         return _accepted(run_id, status)
 
@@ -1068,9 +1076,9 @@ class _Runs:
         deadline = time.monotonic() + ADMIT_WAIT_S
         delay = 0.002
         while True:
-            result = _result_within(future, delay)
-            if result is not None:
-                return result.status
+            outcome = _result_within(future, delay)
+            if outcome is not None:
+                return outcome[0].status
             record = self.runtime.results.get_now(run_id)
             if record is not None:
                 # A run's first record is committed without its own fsync (nobody knew of
@@ -1191,8 +1199,72 @@ def _accepted(run_id, status):
                  headers={"Location": f"/status/{run_id}"})
 
 
+class _RunFuture(concurrent.futures.Future):
+    """A run started through the API: resolved with (result, its record's JSON text or
+    None) once the final record is durable, or with the error that refused the run.
+    ``cancel()`` (shutdown) also cancels the run's task if it waits for a slot."""
+
+    def __init__(self):
+        super().__init__()
+        self.loop = self.task = None
+
+    def cancel(self):
+        cancelled = super().cancel()
+        if cancelled and self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._cancel_task)
+            except RuntimeError:     # the loop is closed: its tasks are gone
+                pass
+        return cancelled
+
+    def _cancel_task(self):
+        if self.task is not None:
+            self.task.cancel()
+
+    def settle(self, outcome=None, error=None):
+        """Resolve from whichever thread knows the outcome first (once)."""
+        try:
+            if error is None:
+                self.set_result(outcome)
+            else:
+                self.set_exception(error)
+        except concurrent.futures.InvalidStateError:
+            pass            # cancelled meanwhile (shutdown): nobody waits any more
+
+
+def _begin_run(executor, future, pipeline_id, document, inputs, run_id):
+    """In the runtime loop: start a run. A run whose stages never wait ends right here,
+    without a task; the store's writer thread resolves ``future`` when its record is
+    durable, so the waiting request needs no further hop through this loop."""
+    if future.cancelled():
+        return
+    coroutine = executor.execute(
+        pipeline_id=pipeline_id, document=document, inputs=inputs, run_id=run_id,
+        on_recorded=lambda result, payload: future.settle((result, payload)))
+    try:
+        finished, rest = start(coroutine)
+    except Exception as error:            # refused: unknown pipeline, busy, bad inputs
+        future.settle(error=error)
+        return
+    if not finished:
+        future.loop = asyncio.get_running_loop()
+        future.task = future.loop.create_task(rest)
+        future.task.add_done_callback(lambda task: _run_task_done(future, task))
+        if future.cancelled():
+            future.task.cancel()
+
+
+def _run_task_done(future, task):
+    if task.cancelled():
+        future.cancel()
+    elif task.exception() is not None:
+        future.settle(error=task.exception())
+    # else: the record's writer settles it (on_recorded)
+
+
 def _result_within(future, timeout_s):
-    """The run's result, None if still running after ``timeout_s``; raises if refused."""
+    """The run's (result, record JSON), None if still running after ``timeout_s``;
+    raises if refused."""
     try:
         return future.result(timeout=timeout_s)
     except concurrent.futures.TimeoutError:

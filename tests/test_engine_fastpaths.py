@@ -181,3 +181,62 @@ def test_a_subpipeline_time_limit_stops_a_child_whose_stages_never_wait(tmp_path
     result = run(executor, parent)
     assert result.status == "failed" and result.failed_stage == "call"
     assert result.error_type == "TimeoutExecutionError" and "100 ms" in result.error
+
+
+# -- what a run writes --------------------------------------------------------------------
+
+QUICK = {"id": "quick", "stages": [stage("a", "json_transform", data={"x": "{{input.x}}"})]}
+
+
+def test_a_run_that_never_waits_writes_only_its_final_record(tmp_path):
+    executor = make(tmp_path)
+    run(executor, QUICK, {"x": 0})          # opens the store and starts its writer
+    store = executor.results
+    # Every status written to the results table, in order (a trigger on the store's
+    # own connection, which its writer uses).
+    store.db.conn.executescript("""
+        CREATE TEMP TABLE written (status TEXT);
+        CREATE TEMP TRIGGER on_insert AFTER INSERT ON main.results
+            BEGIN INSERT INTO written VALUES (NEW.status); END;
+        CREATE TEMP TRIGGER on_update AFTER UPDATE ON main.results
+            BEGIN INSERT INTO written VALUES (NEW.status); END;""")
+    result = run(executor, QUICK, {"x": 1})
+    assert result.status == "completed"
+    # No `running` record first: nothing could see the run between its start and end.
+    assert store.db.conn.execute("SELECT status FROM written").fetchall() == [
+        ("completed",)]
+
+
+def test_on_recorded_is_told_by_the_writer_once_the_record_is_stored(tmp_path):
+    import json
+    import threading
+    import time
+
+    executor = make(tmp_path)
+    heard = []
+
+    def recorded(result, payload):
+        # Stored already: what a caller is told can be read back at once.
+        heard.append((result, payload, threading.current_thread().name,
+                      executor.results.get_now(result.run_id)))
+
+    result = run(executor, QUICK, {"x": 7}, on_recorded=recorded)
+    deadline = time.monotonic() + 30
+    while not heard:
+        assert time.monotonic() < deadline, "on_recorded was never called"
+        time.sleep(0.001)
+    told, payload, thread, stored = heard[0]
+    assert told is result and thread == "fmedge-results-writer"
+    assert json.loads(payload) == result.to_dict()
+    assert stored["output"]["result"] == {"x": 7} and stored["sync_state"] == "pending"
+
+
+def test_on_recorded_hears_of_a_record_that_could_not_be_written(tmp_path):
+    executor = make(tmp_path)
+    run(executor, QUICK, {"x": 0})
+    executor.results.close()               # every save now fails
+    heard = []
+    result = run(executor, QUICK, {"x": 1},
+                 on_recorded=lambda result, payload: heard.append(payload))
+    assert heard == [None]                 # said at once: nothing was queued
+    assert "closed" in result.record_error and result.status == "completed"

@@ -320,3 +320,24 @@ def test_json_transform_template_reads_its_own_data(executor):
     result = run(executor, document, {"items": ["a", "b"]})
     assert result.status == "completed", result.error
     assert result.output == {"count": 2, "first": "a", "channel": "web"}
+
+
+def test_run_ids_are_unique_hex_and_a_forked_child_draws_its_own():
+    import os
+
+    from fmedge.ids import new_run_id
+
+    ids = {new_run_id() for _ in range(10000)}
+    assert len(ids) == 10000
+    assert all(len(run_id) == 32 and int(run_id, 16) >= 0 for run_id in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                          # the child: its first id, then out at once
+        os.write(write, new_run_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child_id = os.read(read, 64).decode()
+    os.close(read)
+    # Without a fresh seed the child would repeat the parent's next id.
+    assert len(child_id) == 32 and child_id != new_run_id()

@@ -2,6 +2,7 @@
 
 import asyncio
 import gc
+import json
 import os
 import random
 import signal
@@ -403,3 +404,38 @@ def test_a_store_dropped_without_close_stops_its_writer(tmp_path):
         assert time.monotonic() < deadline, "the writer of a dropped store kept running"
         writer.join(0.05)
     assert open_store(tmp_path).get_now("r")["status"] == "completed"
+
+
+def test_a_group_over_one_statement_is_one_commit_and_a_later_row_wins(tmp_path):
+    store = open_store(tmp_path)
+    items = [(f"r{i:03d}", finished(n=i)) for i in range(250)]
+    items.append(("r007", finished(n="again")))       # the same run, queued later
+    before = store.commits
+    outcomes = saves(store, items)
+    assert all(isinstance(o, dict) for o in outcomes)
+    assert store.commits - before <= 2
+    assert store.get_now("r007")["n"] == "again"
+    assert store.get_now("r249")["n"] == 249 and store.stats()["pending"] == 250
+
+
+def test_on_done_is_called_in_the_writer_thread_without_an_event_loop(tmp_path):
+    store = open_store(tmp_path, max_mb=1)
+    heard = []
+    done = threading.Event()
+
+    def on_done(outcome, payload):
+        heard.append((outcome, payload, threading.current_thread().name))
+        if len(heard) == 2:
+            done.set()
+
+    # From a plain thread: no event loop anywhere.
+    assert store.queue_save("fits", finished(), on_done=on_done) is None
+    store.queue_save("huge", payload(1500), on_done=on_done)
+    assert done.wait(30)
+    outcomes = {outcome.get("run_id") if isinstance(outcome, dict) else "error":
+                (outcome, text, thread) for outcome, text, thread in heard}
+    record, text, thread = outcomes["fits"]
+    assert thread == "fmedge-results-writer" and record["status"] == "completed"
+    assert json.loads(text) == record and store.get_now("fits")["run_id"] == "fits"
+    error, text, _ = outcomes["error"]
+    assert isinstance(error, StoreFullError) and store.get_now("huge") is None

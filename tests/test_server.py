@@ -70,6 +70,14 @@ def test_a_failed_run_is_still_200_with_its_status(api):
     assert answer.json()["status"] == "failed" and "input.nope" in answer.json()["error"]
 
 
+def test_a_waited_for_answer_is_the_stored_record(api):
+    answer = api.client.run("data-processor", SENSOR_INPUTS)
+    assert answer.status == 200
+    stored = api.client.get(f"/status/{answer.json()['run_id']}").json()
+    assert (stored.pop("sync_state"), stored.pop("sync_error")) == ("pending", None)
+    assert answer.json() == stored
+
+
 def test_stored_three_stage_pipeline_runs_and_is_listed(api):
     api.runtime.pipelines.store_now("three-stage", three_stage_pipeline())
     answer = api.client.run("three-stage", {"x": 1})

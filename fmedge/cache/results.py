@@ -74,13 +74,31 @@ _GROUP_MAX = 256
 # the disk is measured at least.
 _ROW_SLACK = 16384
 _MEASURE_EVERY_S = 1.0
-_UPSERT = (
+# Rows per INSERT statement: 10 parameters each, within SQLite's old limit of 999.
+_ROWS_PER_STATEMENT = 96
+_UPSERT_HEAD = (
     "INSERT INTO results (run_id, pipeline_id, pipeline_version, status, sync_state, "
-    "created_at, updated_at, owner, size, payload) VALUES (?,?,?,?,?,?,?,?,?,?) "
-    "ON CONFLICT(run_id) DO UPDATE SET pipeline_id=excluded.pipeline_id, "
+    "created_at, updated_at, owner, size, payload) VALUES ")
+_UPSERT_TAIL = (
+    " ON CONFLICT(run_id) DO UPDATE SET pipeline_id=excluded.pipeline_id, "
     "pipeline_version=excluded.pipeline_version, status=excluded.status, "
     "sync_state=excluded.sync_state, updated_at=excluded.updated_at, owner=excluded.owner, "
     "size=excluded.size, payload=excluded.payload, synced_at=NULL, sync_error=NULL")
+
+
+def _upsert(rows, _cache={}):
+    """The INSERT ... ON CONFLICT statement for ``rows`` rows (rows of one statement are
+    applied in order: a run's later row wins over its earlier one)."""
+    sql = _cache.get(rows)
+    if sql is None:
+        sql = _cache[rows] = (_UPSERT_HEAD + ",".join(["(?,?,?,?,?,?,?,?,?,?)"] * rows)
+                              + _UPSERT_TAIL)
+    return sql
+
+
+def encode_record(record):
+    """A record's stored JSON text: compact, so the HTTP API can answer with it as is."""
+    return json.dumps(record, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
 class ResultStore:
@@ -125,15 +143,24 @@ class ResultStore:
         """
         return await self.queue_save(run_id, result, durable)
 
-    def queue_save(self, run_id, result, durable=True):
+    def queue_save(self, run_id, result, durable=True, on_done=None):
         """``save`` without waiting: queues the row and returns the asyncio future that
         ``save`` awaits (the record, or the error). Rows are committed in queue order, so
-        a run's later row still wins over an earlier one that nobody waited for."""
-        import asyncio  # imported here: the CLI's fast paths never need asyncio
+        a run's later row still wins over an earlier one that nobody waited for.
 
+        With ``on_done``, no future: ``on_done(outcome, payload)`` is called in the writer
+        thread once the row is committed (outcome: the record, or the error; payload: the
+        row's JSON text), for callers in other threads that would otherwise need a hop
+        through an event loop to learn it (the HTTP API's waiting requests).
+        """
         write = self._prepare(run_id, result, durable)
-        loop = asyncio.get_running_loop()
-        write.loop, write.future = loop, loop.create_future()
+        if on_done is None:
+            import asyncio  # imported here: the CLI's fast paths never need asyncio
+
+            loop = asyncio.get_running_loop()
+            write.loop, write.future = loop, loop.create_future()
+        else:
+            write.on_done = on_done
         self._group_writer().put(write)
         return write.future
 
@@ -299,7 +326,7 @@ class ResultStore:
 
     def _rewrite(self, run_id, record, state):
         """Replace a row's payload and state in place (no space check: it does not grow)."""
-        payload = json.dumps(record, sort_keys=True, default=str, ensure_ascii=False)
+        payload = encode_record(record)
         with self.db.transaction() as conn:
             conn.execute("UPDATE results SET status=?, sync_state=?, updated_at=?, size=?, "
                          "payload=? WHERE run_id=?", (record["status"], state, self.clock(),
@@ -323,7 +350,7 @@ class ResultStore:
         """Check and encode a row in the caller's thread, so a bad one fails its caller."""
         validate_id(run_id, "run")
         record = _record(run_id, result)
-        payload = json.dumps(record, default=str, ensure_ascii=False)
+        payload = encode_record(record)
         return _Write(record, payload, durable)
 
     def _group_writer(self):
@@ -368,8 +395,17 @@ class ResultStore:
                      w.record.get("pipeline_version"), w.record["status"],
                      "local" if w.record["status"] in UNFINISHED else "pending",
                      now, now, self._owner, len(w.payload), w.payload) for w in writes]
-            with self.db.transaction(durable=any(w.durable for w in writes)) as conn:
-                conn.executemany(_UPSERT, rows)
+            # Many rows per statement, and a group that fits one statement is that
+            # statement alone, committed by itself: each call into SQLite gives up the GIL
+            # and must win it back, which costs more than a row under load.
+            durable = any(w.durable for w in writes)
+            if len(rows) <= _ROWS_PER_STATEMENT:
+                self.db.write(_upsert(len(rows)), [v for row in rows for v in row], durable)
+            else:
+                with self.db.transaction(durable=durable) as conn:
+                    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+                        chunk = rows[start:start + _ROWS_PER_STATEMENT]
+                        conn.execute(_upsert(len(chunk)), [v for row in chunk for v in row])
             self.commits += 1
 
     # -- space --------------------------------------------------------------------------
@@ -442,11 +478,11 @@ class ResultStore:
 class _Write:
     """One row waiting to be committed, and who waits for it."""
 
-    __slots__ = ("record", "payload", "durable", "loop", "future")
+    __slots__ = ("record", "payload", "durable", "loop", "future", "on_done")
 
     def __init__(self, record, payload, durable):
         self.record, self.payload, self.durable = record, payload, durable
-        self.loop = self.future = None
+        self.loop = self.future = self.on_done = None
 
 
 class _GroupWriter:
@@ -530,9 +566,16 @@ class _GroupWriter:
 
 
 def _answer(writes, outcomes):
-    """Resolve each caller's future in its own event loop (one wake-up per loop)."""
+    """Resolve each caller's future in its own event loop (one wake-up per loop), and
+    call the ``on_done`` callbacks here."""
     by_loop = {}
     for write, outcome in zip(writes, outcomes):
+        if write.on_done is not None:
+            try:
+                write.on_done(outcome, write.payload)
+            except Exception:      # the caller's bug must not stop the writer
+                log.exception("result store: a save callback failed")
+            continue
         by_loop.setdefault(write.loop, []).append((write.future, outcome))
     for loop, answers in by_loop.items():
         try:

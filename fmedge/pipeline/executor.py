@@ -8,12 +8,14 @@ an :class:`ExecutionResult` with ``status``, ``output`` and ``duration_ms`` (plu
   past that the caller gets BusyError (HTTP 429);
 * ``execution_timeout`` bounds a whole run, ``timeout_ms`` each stage attempt; both cancel
   the work itself (an LLM generation included), not just the wait for it;
-* each run is recorded in the ResultStore when it is queued (``pending``) or starts
-  (``running``), and durably when it ends, before its caller gets the result: a crash
-  leaves an ``interrupted`` record, never a lost run. The first record is queued without
-  waiting and without its own fsync (nobody has been told about the run yet; POST /run
-  flushes the store before its 202); the run slot is given back before the final record's
-  group commit, which needs none.
+* each run is recorded in the ResultStore when it is queued (``pending``) or when it
+  first waits (``running``), and durably when it ends, before its caller gets the
+  result: a crash leaves an ``interrupted`` record, never a lost run. A run that never
+  waits (quick stages only) starts and ends within one step of the event loop, where no
+  crash can split it from its final record, so it writes only that one. The first
+  record is queued without waiting and without its own fsync (nobody has been told
+  about the run yet; POST /run flushes the store before its 202); the run slot is given
+  back before the final record's group commit, which needs none.
 """
 
 import asyncio
@@ -21,11 +23,11 @@ import logging
 import os
 import random
 import time
-import uuid
 
+from ..cache.results import UNFINISHED
 from ..config import EdgeConfig
 from ..errors import BusyError, FmEdgeError, NotFoundError, UsageError
-from ..ids import validate_id
+from ..ids import new_run_id, validate_id
 from .document import canonical_json, parse_pipeline
 from .inputs import apply_input_schema
 from .result import CANCELLED, COMPLETED, RUN_FAILED, SUCCESS, TIMEOUT, ExecutionResult
@@ -96,18 +98,25 @@ class EdgeExecutor:
     # -- running ------------------------------------------------------------------------
 
     async def execute(self, pipeline_id=None, inputs=None, *, document=None, run_id=None,
-                      timeout=None):
+                      timeout=None, on_recorded=None):
         """Run a cached pipeline (or ``document``) with ``inputs``; returns the result.
 
         Raises UsageError/NotFoundError for bad requests (nothing recorded) and BusyError
         when the queue is full. A run that starts always returns a result, whatever
         happens inside it: failures are in ``status``/``error``.
+
+        ``on_recorded(result, payload)`` is for callers in other threads (the HTTP API):
+        the final record is then queued without waiting, execute returns at once, and the
+        store's writer thread calls it when the record is durable, with the record's JSON
+        text (None when it could not be recorded: ``result.record_error`` says why).
+        Nobody may learn of the result before that call.
         """
         pipeline = await self.load(pipeline_id, document)
         inputs = apply_input_schema(pipeline, inputs)
-        run_id = validate_id(run_id, "run") if run_id else uuid.uuid4().hex
+        run_id = validate_id(run_id, "run") if run_id else new_run_id()
         async with _Slot(self, self._pending_record(pipeline, inputs, run_id)) as slot:
-            return await self._run(pipeline, inputs, run_id, timeout, slot=slot)
+            return await self._run(pipeline, inputs, run_id, timeout, slot=slot,
+                                   on_recorded=on_recorded)
 
     def _pending_record(self, pipeline, inputs, run_id):
         """What a run that must wait for a slot writes: once a caller has been told
@@ -197,7 +206,8 @@ class EdgeExecutor:
 
     # -- one run ------------------------------------------------------------------------
 
-    async def _run(self, pipeline, inputs, run_id, timeout, depth=0, slot=None):
+    async def _run(self, pipeline, inputs, run_id, timeout, depth=0, slot=None,
+                   on_recorded=None):
         result = ExecutionResult(run_id=run_id, pipeline_id=pipeline.id,
                                  pipeline_version=pipeline.version, inputs=inputs,
                                  started_at=self.clock(), device_id=self.device_id)
@@ -206,27 +216,29 @@ class EdgeExecutor:
         services = Services(self, state, result)
         run = PipelineRun(state, services, rng=self.rng, clock=self.clock)
         self._active[run_id] = None     # cancellable from here on
-        if depth == 0:
-            self._record_start(result)
         self.counters["runs"] += 1
         limit = self.config.execution_timeout if timeout is None else timeout
         try:
-            await self._wait(run, limit, result, run_id)
+            await self._wait(run, limit, result, depth)
         finally:
             self._active.pop(run_id, None)
             self._cancelled.discard(run_id)
             self._finish(result, run, pipeline)
-            if depth == 0 and self.results is not None:   # no store: no task for a no-op
+            if depth == 0:
                 if slot is not None:
                     # Recording needs no run slot: the next run starts while this one's
                     # record waits for its (group) commit.
                     slot.release()
-                await asyncio.shield(self._save(result))
+                if on_recorded is not None:
+                    self._queue_final(result, on_recorded)
+                elif self.results is not None:   # no store: no task for a no-op
+                    await asyncio.shield(self._save(result))
         return result
 
-    async def _wait(self, run, limit, result, run_id):
+    async def _wait(self, run, limit, result, depth):
+        run_id = result.run_id
         try:
-            await self._run_body(run, limit, run_id)
+            await self._run_body(run, limit, result, depth)
             result.status = COMPLETED
         except asyncio.TimeoutError:
             result.status, result.error_type = TIMEOUT, "TimeoutExecutionError"
@@ -244,16 +256,20 @@ class EdgeExecutor:
             result.status, result.error = RUN_FAILED, str(error)
             result.error_type = reference_error_name(error)
 
-    async def _run_body(self, run, limit, run_id):
+    async def _run_body(self, run, limit, result, depth):
         """The run's stages, as a task under the run's time limit once they first wait. Until
         then they run here: with no wait there is nothing to time out or cancel, and a long
-        stretch of quick stages pauses now and then (PipelineRun.pause)."""
+        stretch of quick stages pauses now and then (PipelineRun.pause). A top-level run
+        records its start when it first waits: before that, nobody could see it."""
         started = time.monotonic()
+        run_id = result.run_id
         body = run.run()
         if run_id not in self._cancelled:
             finished, body = start(body)
             if finished:
                 return
+        if depth == 0:
+            self._record_start(result)
         task = asyncio.ensure_future(body)
         self._active[run_id] = task
         if run_id in self._cancelled:
@@ -276,7 +292,7 @@ class EdgeExecutor:
             raise NotFoundError(f"subpipeline {pipeline_id} version {version} is not cached "
                                 f"(cached: {pipeline.version})")
         inputs = apply_input_schema(pipeline, inputs)
-        return await self._run(pipeline, inputs, uuid.uuid4().hex, None, depth=depth)
+        return await self._run(pipeline, inputs, new_run_id(), None, depth=depth)
 
     def _record_start(self, result):
         """Queue a run's first record (pending or running) without waiting for it: it is
@@ -292,12 +308,29 @@ class EdgeExecutor:
             return
         future.add_done_callback(lambda done: _log_start_failure(result.run_id, done))
 
+    def _queue_final(self, result, on_recorded):
+        """Queue the final record; ``on_recorded`` hears (in the writer thread) when it is
+        durable, or that it could not be written."""
+        def done(outcome, payload):
+            if isinstance(outcome, BaseException):
+                log.error("run %s: could not record the result: %s", result.run_id, outcome)
+                result.record_error, payload = str(outcome), None
+            on_recorded(result, payload)
+
+        store = self.results
+        if store is None:
+            on_recorded(result, None)
+            return
+        try:
+            store.queue_save(result.run_id, result.to_dict(),
+                             durable=result.status not in UNFINISHED, on_done=done)
+        except FmEdgeError as error:
+            done(error, None)
+
     async def _save(self, result):
         store = self.results
         if store is None:
             return
-        from ..cache.results import UNFINISHED
-
         try:
             # Group-committed with other runs' records. A run's first records (pending,
             # running) skip their own fsync: nobody has been told about the run yet, and
