@@ -39,6 +39,9 @@ class Database:
         self.quarantined_to = None
         # True after a commit without fsync, until a durable commit covers it.
         self.unsynced = False
+        # Counts this process's write transactions through this object (committed or
+        # not): what a reader caching rows compares to see its own process's writes.
+        self.generation = 0
         ensure_dir(os.path.dirname(self.path))
         try:
             self.conn = _open(self.path, migrations)
@@ -67,6 +70,7 @@ class Database:
         sent again and the cloud de-duplicates it.
         """
         with self.lock, self.errors():
+            self.generation += 1
             if not durable:
                 self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
@@ -98,6 +102,7 @@ class Database:
                 conn.execute(sql, params)
             return
         with self.lock, self.errors():
+            self.generation += 1
             if not durable:
                 self.conn.execute("PRAGMA synchronous=NORMAL")
             try:

@@ -51,7 +51,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .errors import ConfigError, FmEdgeError, NotFoundError, OfflineError
 from .ids import new_run_id, validate_id
-from .pipeline.run import start
+from .pipeline.run import drive
 from .server_security import (HttpError, ServerLimits, check_bind, check_host,
                               check_idempotency_key, check_origin, check_query_credentials,
                               check_token, is_loopback_host)
@@ -988,11 +988,12 @@ class _Runs:
     def __init__(self, server):
         self.server = server
         self.runtime = server.runtime
-        self._inflight = {}                          # run_id -> concurrent Future
+        # run_id -> _RunFuture. Single dict operations need no lock (the GIL makes them
+        # atomic); every lock taken per request is a chance to wait behind other threads.
+        self._inflight = {}
         self._keys = collections.OrderedDict()       # Idempotency-Key -> (fingerprint, run_id)
-        # Reentrant: a done-callback runs in the submitting thread when the run was refused
-        # before add_done_callback was reached.
-        self._lock = threading.RLock()
+        self._keys_lock = threading.Lock()
+        self._waiters_lock = threading.Lock()
         self._waiters = 0
 
     # -- starting -----------------------------------------------------------------------------
@@ -1002,16 +1003,23 @@ class _Runs:
         # loop, which every run passes through, would wait behind every other thread to
         # get it back. (A replayed key reads it for nothing; that is rare.)
         document = self.runtime.pipelines.get_now(pipeline_id)
-        with self._lock:
-            known = self._claimed(key, fingerprint) if key else None
-            if known is None:
-                run_id = new_run_id()
-                future = self._submit(pipeline_id, document, inputs, run_id, key,
-                                      fingerprint)
-        if known is not None:
-            reply = self._replay(known, wait_s)
-            reply.headers["Idempotent-Replayed"] = "true"
-            return reply
+        if not key:
+            run_id = new_run_id()
+            future = self._register(run_id, key)
+        else:
+            with self._keys_lock:
+                known = self._claimed(key, fingerprint)
+                if known is None:
+                    # Remembered and registered under the lock: the same key sent twice
+                    # at once must find the first run.
+                    run_id = new_run_id()
+                    self._remember(key, fingerprint, run_id)
+                    future = self._register(run_id, key)
+            if known is not None:
+                reply = self._replay(known, wait_s)
+                reply.headers["Idempotent-Replayed"] = "true"
+                return reply
+        self._submit(future, pipeline_id, document, inputs, run_id)
         return self._answer(run_id, future, wait_s)
 
     def _claimed(self, key, fingerprint):
@@ -1025,35 +1033,37 @@ class _Runs:
         self._keys.move_to_end(key)
         return entry[1]
 
-    def _submit(self, pipeline_id, document, inputs, run_id, key, fingerprint):
-        if key:
-            # Remembered before submitting: a refusal's callback may run at once and must
-            # find the key to forget it.
-            self._keys[key] = (fingerprint, run_id)
-            while len(self._keys) > IDEMPOTENCY_KEYS_KEPT:
-                self._keys.popitem(last=False)
-        future = _RunFuture()
-        try:
-            self.server.loop.loop.call_soon_threadsafe(
-                _begin_run, self.runtime.executor, future, pipeline_id, document, inputs,
-                run_id)
-        except RuntimeError:   # the loop is closed: the server is stopping
-            self._keys.pop(key, None)
-            raise HttpError(503, "shutting_down", "the server is shutting down and starts "
-                            "no new runs: retry when it is back") from None
-        self._inflight[run_id] = future
-        future.add_done_callback(lambda done: self._finished(run_id, key, done))
+    def _remember(self, key, fingerprint, run_id):
+        self._keys[key] = (fingerprint, run_id)
+        while len(self._keys) > IDEMPOTENCY_KEYS_KEPT:
+            self._keys.popitem(last=False)
+
+    def _register(self, run_id, key):
+        future = self._inflight[run_id] = _RunFuture(
+            lambda done: self._finished(run_id, key, done))
         return future
 
+    def _submit(self, future, pipeline_id, document, inputs, run_id):
+        loop = self.server.loop.loop
+        if loop.is_closed():   # the server is stopping
+            future.settle(error=HttpError(503, "shutting_down", "the server is shutting "
+                                          "down and starts no new runs: retry when it is "
+                                          "back"))
+            return
+        _begin_run(self.runtime.executor, loop, future, pipeline_id, document, inputs,
+                   run_id)
+
     def _finished(self, run_id, key, future):
-        with self._lock:
-            self._inflight.pop(run_id, None)
-            refused = future.cancelled() or future.exception() is not None
-            if refused and key and self._keys.get(key, (None, None))[1] == run_id:
-                del self._keys[key]    # it never ran: the same key may be used again
-        if not refused:
-            result = future.result()[0]
-            self.server.counters.run_finished(result.status, result.duration_ms / 1000.0)
+        """Called once, in whichever thread settled the run's future."""
+        self._inflight.pop(run_id, None)
+        if future.refused:
+            if key:
+                with self._keys_lock:
+                    if self._keys.get(key, (None, None))[1] == run_id:
+                        del self._keys[key]    # it never ran: the key may be used again
+            return
+        result = future.outcome[0]
+        self.server.counters.run_finished(result.status, result.duration_ms / 1000.0)
 
     # -- answering ----------------------------------------------------------------------------
 
@@ -1093,8 +1103,7 @@ class _Runs:
             delay = min(delay * 2, 0.1)
 
     def _replay(self, run_id, wait_s):
-        with self._lock:
-            future = self._inflight.get(run_id)
+        future = self._inflight.get(run_id)
         if future is not None:
             return self._answer(run_id, future, wait_s)
         record = self.runtime.results.get_now(run_id)
@@ -1107,19 +1116,18 @@ class _Runs:
         return _accepted(run_id, record.get("status") or "running")
 
     def _take_waiter(self):
-        with self._lock:
+        with self._waiters_lock:
             if self._waiters >= self.server.limits.max_waiting_workers:
                 return False
             self._waiters += 1
             return True
 
     def _release_waiter(self):
-        with self._lock:
+        with self._waiters_lock:
             self._waiters -= 1
 
     def is_queued(self, run_id):
-        with self._lock:
-            return run_id in self._inflight
+        return run_id in self._inflight
 
     # -- sync ---------------------------------------------------------------------------------
 
@@ -1143,12 +1151,11 @@ class _Runs:
 
     def drain(self, grace_s):
         """Wait up to ``grace_s`` for the runs; cancel the rest and let them record it."""
-        with self._lock:
-            pending = dict(self._inflight)
+        pending = dict(self._inflight)
         if not pending:
             return
         log.info("shutdown: waiting up to %g s for %d runs", grace_s, len(pending))
-        concurrent.futures.wait(list(pending.values()), timeout=grace_s)
+        _wait_all(pending.values(), grace_s)
         left = {run_id: f for run_id, f in pending.items() if not f.done()}
         if not left:
             return
@@ -1156,7 +1163,7 @@ class _Runs:
                     len(left), grace_s)
         for run_id, future in left.items():
             self._cancel(run_id, future)
-        concurrent.futures.wait(list(left.values()), timeout=CANCEL_WAIT_S)
+        _wait_all(left.values(), CANCEL_WAIT_S)
         never_started = sorted(r for r, f in left.items() if f.cancelled())
         if never_started:
             log.warning("shutdown: %d queued runs were cancelled before they started and "
@@ -1199,59 +1206,109 @@ def _accepted(run_id, status):
                  headers={"Location": f"/status/{run_id}"})
 
 
-class _RunFuture(concurrent.futures.Future):
-    """A run started through the API: resolved with (result, its record's JSON text or
-    None) once the final record is durable, or with the error that refused the run.
-    ``cancel()`` (shutdown) also cancels the run's task if it waits for a slot."""
+class _RunFuture:
+    """A run started through the API: settled with (result, its record's JSON text or
+    None) once the final record is durable, or with the error that refused the run, or
+    cancelled (shutdown; its task too, if it waits for a slot).
 
-    def __init__(self):
-        super().__init__()
-        self.loop = self.task = None
+    Lighter than a concurrent.futures.Future, whose waiter takes a condition, a lock of
+    its own and the condition again: under load each lock taken is a wait behind the
+    other threads. Here a waiter blocks on one lock, released when the run is settled.
+    """
+
+    __slots__ = ("outcome", "error", "refused", "loop", "task", "_latch", "_settled",
+                 "_on_done")
+
+    def __init__(self, on_done=None):
+        self.outcome = self.error = self.loop = self.task = None
+        self.refused = False        # cancelled or refused: the run never ran
+        self._latch = threading.Lock()
+        self._latch.acquire()       # released once settled
+        self._settled = threading.Lock()   # taken by whoever settles it first
+        self._on_done = on_done
+
+    def done(self):
+        return self._settled.locked() and not self._latch.locked()
+
+    def cancelled(self):
+        return self.done() and self.refused and self.error is None
+
+    def wait(self, timeout_s):
+        """True once settled, False if still not after ``timeout_s``."""
+        if not self._latch.acquire(timeout=max(0.0, timeout_s)):
+            return False
+        self._latch.release()       # let every other waiter through too
+        return True
+
+    def result(self, timeout_s):
+        """(result, record JSON); raises the refusal; None if not settled in time."""
+        if not self.wait(timeout_s):
+            return None
+        if self.error is not None:
+            raise self.error
+        if self.refused:
+            raise HttpError(503, "shutting_down", "the run was cancelled before it "
+                            "started: the server is shutting down; retry when it is back")
+        return self.outcome
+
+    def settle(self, outcome=None, error=None):
+        """Resolve from whichever thread knows the outcome first (once; later calls, as
+        a record written after a cancellation, change nothing)."""
+        self._finish(outcome, error, refused=error is not None)
 
     def cancel(self):
-        cancelled = super().cancel()
-        if cancelled and self.loop is not None:
+        if not self._finish(None, None, refused=True):
+            return False
+        if self.loop is not None:
             try:
                 self.loop.call_soon_threadsafe(self._cancel_task)
             except RuntimeError:     # the loop is closed: its tasks are gone
                 pass
-        return cancelled
+        return True
+
+    def _finish(self, outcome, error, refused):
+        if not self._settled.acquire(blocking=False):
+            return False
+        self.outcome, self.error, self.refused = outcome, error, refused
+        self._latch.release()
+        if self._on_done is not None:
+            try:
+                self._on_done(self)
+            except Exception:      # bookkeeping must not hide the outcome
+                log.exception("recording the end of a run failed")
+        return True
 
     def _cancel_task(self):
         if self.task is not None:
             self.task.cancel()
 
-    def settle(self, outcome=None, error=None):
-        """Resolve from whichever thread knows the outcome first (once)."""
-        try:
-            if error is None:
-                self.set_result(outcome)
-            else:
-                self.set_exception(error)
-        except concurrent.futures.InvalidStateError:
-            pass            # cancelled meanwhile (shutdown): nobody waits any more
+
+def _wait_all(futures, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    for future in futures:
+        future.wait(deadline - time.monotonic())
 
 
-def _begin_run(executor, future, pipeline_id, document, inputs, run_id):
-    """In the runtime loop: start a run. A run whose stages never wait ends right here,
-    without a task; the store's writer thread resolves ``future`` when its record is
-    durable, so the waiting request needs no further hop through this loop."""
-    if future.cancelled():
-        return
+def _begin_run(executor, loop, future, pipeline_id, document, inputs, run_id):
+    """In the HTTP worker: start the run here. One whose stages never wait runs to its
+    end in this thread, with no hand-off to the runtime loop and back; the store's
+    writer thread settles ``future`` once its record is durable. Anything that waits (a
+    slot, a stage) carries on in the loop (see ``EdgeExecutor.execute``)."""
     coroutine = executor.execute(
         pipeline_id=pipeline_id, document=document, inputs=inputs, run_id=run_id,
         on_recorded=lambda result, payload: future.settle((result, payload)))
     try:
-        finished, rest = start(coroutine)
+        drive(coroutine, loop, lambda task: _adopt(future, task))
     except Exception as error:            # refused: unknown pipeline, busy, bad inputs
         future.settle(error=error)
-        return
-    if not finished:
-        future.loop = asyncio.get_running_loop()
-        future.task = future.loop.create_task(rest)
-        future.task.add_done_callback(lambda task: _run_task_done(future, task))
-        if future.cancelled():
-            future.task.cancel()
+
+
+def _adopt(future, task):
+    """In the runtime loop: the run carries on as ``task``."""
+    future.loop, future.task = task.get_loop(), task
+    task.add_done_callback(lambda done: _run_task_done(future, done))
+    if future.cancelled():
+        task.cancel()
 
 
 def _run_task_done(future, task):
@@ -1265,13 +1322,7 @@ def _run_task_done(future, task):
 def _result_within(future, timeout_s):
     """The run's (result, record JSON), None if still running after ``timeout_s``;
     raises if refused."""
-    try:
-        return future.result(timeout=timeout_s)
-    except concurrent.futures.TimeoutError:
-        return None
-    except concurrent.futures.CancelledError:
-        raise HttpError(503, "shutting_down", "the run was cancelled before it started: "
-                        "the server is shutting down; retry when it is back") from None
+    return future.result(timeout_s)
 
 
 # == health and metrics =====================================================================

@@ -240,3 +240,97 @@ def test_on_recorded_hears_of_a_record_that_could_not_be_written(tmp_path):
                  on_recorded=lambda result, payload: heard.append(payload))
     assert heard == [None]                 # said at once: nothing was queued
     assert "closed" in result.record_error and result.status == "completed"
+
+
+# -- runs driven from a thread without an event loop (the HTTP API's workers) --------------
+
+class LoopThread:
+    """A running event loop in its own thread, as the server's runtime loop."""
+
+    def __enter__(self):
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever)
+        self.thread.start()
+        return self.loop
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+
+def drive_here(executor, loop, document, inputs=None):
+    """``execute`` as an HTTP worker starts it: in this thread, which has no loop. Returns
+    whether it finished here, the tasks the loop adopted, and (result, record JSON)."""
+    import threading
+
+    from fmedge.pipeline.run import drive
+
+    heard, settled, adopted = [], threading.Event(), []
+
+    def recorded(result, payload):
+        heard.append((result, payload))
+        settled.set()
+
+    coroutine = executor.execute(document=document, inputs=inputs or {},
+                                 on_recorded=recorded)
+    finished, _ = drive(coroutine, loop, adopted.append)
+    assert settled.wait(30), "the run's record was never reported"
+    return finished, adopted, heard[0]
+
+
+def test_a_quick_run_runs_entirely_in_the_thread_that_drives_it(tmp_path):
+    executor = make(tmp_path)
+    with LoopThread() as loop:
+        finished, adopted, (result, payload) = drive_here(executor, loop, QUICK, {"x": 3})
+    assert finished and not adopted          # never handed to the loop
+    assert result.status == "completed" and result.output["result"] == {"x": 3}
+    assert executor.results.get_now(result.run_id)["status"] == "completed"
+    assert (executor.running, executor.queue_depth) == (0, 0)
+
+
+def test_a_driven_run_that_waits_moves_to_the_loop(tmp_path):
+    executor = make(tmp_path, llm=ScriptedAdapter())
+    document = {"id": "t", "stages": [
+        stage("quick", "json_transform", data={"topic": "{{input.topic}}"}),
+        {"id": "write", "type": "generator", "depends_on": ["quick"],
+         "config": {"prompt": "about {{upstream.quick.result.topic}}"}}]}
+    with LoopThread() as loop:
+        finished, adopted, (result, payload) = drive_here(executor, loop, document,
+                                                          {"topic": "pumps"})
+    assert not finished and len(adopted) == 1
+    assert result.status == "completed", result.error
+    assert result.output["content"].startswith("Scripted reply")
+
+
+def test_a_driven_run_without_a_free_slot_waits_for_one_in_the_loop(tmp_path):
+    import threading
+
+    executor = EdgeExecutor(EdgeConfig(data_dir=str(tmp_path), max_concurrent=1))
+    executor.pipelines.store_now("quick", QUICK)
+    assert executor.slots.admit(5) == "run"          # another run holds the only slot
+    with LoopThread() as loop:
+        outcome = []
+        driver = threading.Thread(target=lambda: outcome.append(
+            drive_here(executor, loop, QUICK, {"x": 5})))
+        driver.start()
+        wait_for = time_limit()
+        while executor.queue_depth != 1:                 # queued, its record written
+            assert next(wait_for), "the run never queued"
+        executor.slots.give_back()                       # the other run ends
+        driver.join(30)
+    finished, adopted, (result, _) = outcome[0]
+    assert not finished and len(adopted) == 1 and result.status == "completed"
+    assert (executor.running, executor.queue_depth) == (0, 0)
+
+
+def time_limit(seconds=30.0):
+    """True while within ``seconds`` (polled with a short pause), then False."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        time.sleep(0.001)
+        yield time.monotonic() < deadline

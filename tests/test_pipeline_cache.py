@@ -133,3 +133,28 @@ def test_seed_async_api(tmp_path):
         assert [e["id"] for e in await cache.list()] == ["my-pipeline"]
         assert await cache.remove("my-pipeline") is True
     asyncio.run(scenario())
+
+
+def test_documents_are_served_from_memory_yet_every_change_shows(tmp_path, monkeypatch):
+    import fmedge.cache.pipelines as module
+
+    ours = PipelineCache(str(tmp_path))
+    theirs = PipelineCache(str(tmp_path))      # its own connection, as another process
+    monkeypatch.setattr(module, "_RECHECK_S", 3600.0)
+    ours.store_now("p", doc(version="1"))
+    copy = ours.get_now("p")
+    copy["stages"].clear()                     # a fresh copy each time: changing it ...
+    assert ours.get_now("p")["version"] == "1" and ours.get_now("p")["stages"]   # ... not
+    theirs.store_now("p", doc(version="2"))
+    assert ours.get_now("p")["version"] == "1"    # served from memory until the recheck
+    ours.store_now("p", doc(version="3"))         # this process's own change: at once
+    assert ours.get_now("p")["version"] == "3"
+    monkeypatch.setattr(module, "_RECHECK_S", 0.0)
+    ours.store_now("other", doc(name="other"))    # any own write: read again, ...
+    ours.get_now("p")                             # ... remembered with a recheck of now
+    theirs.store_now("p", doc(version="4"))
+    assert ours.get_now("p")["version"] == "4"    # the other process's change, rechecked
+    theirs.remove_now("p")
+    assert ours.get_now("p") is None
+    theirs.store_now("q", doc(name="q"))          # what is missing is never remembered
+    assert ours.get_now("q") is not None

@@ -25,6 +25,12 @@ SOURCES = ("local", "cloud", "bundle")
 # A last-used time is rewritten at most this often per pipeline: a fsync per run for a
 # time that only feeds eviction would cost more than the run itself.
 _TOUCH_EVERY_S = 60.0
+# A document read from the file is served from memory, for this process's own changes
+# are seen at once (Database.generation) and other processes' (`fm-edge add`, a sync
+# from cron) within this many seconds. A read gives up the GIL; under load each costs a
+# wait behind every other thread, more than a run.
+_RECHECK_S = 1.0
+_TEXTS_KEPT = 256
 
 _MIGRATIONS = [
     """
@@ -85,6 +91,7 @@ class PipelineCache:
         self.validator = validator or check_document_shape
         self.clock = clock
         self._touched = {}
+        self._texts = {}      # id -> (document JSON, db generation, monotonic recheck time)
         self.db = Database(os.path.join(self.cache_dir, D.PIPELINE_DB_NAME), _MIGRATIONS)
 
     # -- the seed's async API ---------------------------------------------------------
@@ -144,13 +151,28 @@ class PipelineCache:
         return self.entry(pipeline_id)
 
     def get_now(self, pipeline_id):
-        """The stored document, or None; counts as a use for LRU and TTL."""
+        """The stored document (a fresh copy), or None; counts as a use for LRU and TTL.
+        Changes made by other processes show within _RECHECK_S seconds."""
         validate_id(pipeline_id, "pipeline")
-        row = self.db.query_one("SELECT document FROM pipelines WHERE id=?", (pipeline_id,))
-        if row is None:
+        text = self._document_text(pipeline_id)
+        if text is None:
             return None
         self._touch(pipeline_id)
-        return json.loads(row[0])
+        return json.loads(text)
+
+    def _document_text(self, pipeline_id):
+        generation, now = self.db.generation, time.monotonic()   # before the read
+        cached = self._texts.get(pipeline_id)
+        if cached is not None and cached[1] == generation and now < cached[2]:
+            return cached[0]
+        row = self.db.query_one("SELECT document FROM pipelines WHERE id=?", (pipeline_id,))
+        if row is None:       # not remembered: one added elsewhere must show at once
+            self._texts.pop(pipeline_id, None)
+            return None
+        if len(self._texts) >= _TEXTS_KEPT:
+            self._texts.clear()
+        self._texts[pipeline_id] = (row[0], generation, now + _RECHECK_S)
+        return row[0]
 
     def exists_now(self, pipeline_id):
         validate_id(pipeline_id, "pipeline")

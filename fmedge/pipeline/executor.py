@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import random
+import threading
 import time
 
 from ..cache.results import UNFINISHED
@@ -31,7 +32,8 @@ from ..ids import new_run_id, validate_id
 from .document import canonical_json, parse_pipeline
 from .inputs import apply_input_schema
 from .result import CANCELLED, COMPLETED, RUN_FAILED, SUCCESS, TIMEOUT, ExecutionResult
-from .run import PipelineRun, RunState, StageFailure, reference_error_name, start
+from .run import PipelineRun, RunState, StageFailure, in_loop, reference_error_name, start
+from .slots import WAIT, Slots
 from .services import Services
 
 log = logging.getLogger("fmedge.executor")
@@ -54,9 +56,8 @@ class EdgeExecutor:
         self.record = record
         self._active = {}          # run_id -> asyncio.Task of the run body
         self._cancelled = set()
-        self._waiting = 0
-        self._running = 0
         self._slots = None
+        self._lock = threading.Lock()
         self.counters = {"runs": 0, "retries": 0, "rejected_busy": 0}
         self._adapters = {}
         self._parsed = {}
@@ -89,11 +90,11 @@ class EdgeExecutor:
 
     @property
     def queue_depth(self):
-        return self._waiting
+        return self.slots.queued
 
     @property
     def running(self):
-        return self._running
+        return self.slots.running
 
     # -- running ------------------------------------------------------------------------
 
@@ -110,6 +111,11 @@ class EdgeExecutor:
         store's writer thread calls it when the record is durable, with the record's JSON
         text (None when it could not be recorded: ``result.record_error`` says why).
         Nobody may learn of the result before that call.
+
+        It may also be driven from a thread without an event loop (``run.drive``, as the
+        HTTP API's workers do): a pipeline whose stages never wait then runs entirely in
+        that thread, sparing it two thread hand-offs, and anything that waits (a slot,
+        a stage, a long run's pause) moves the run to the loop first (``in_loop``).
         """
         pipeline = await self.load(pipeline_id, document)
         inputs = apply_input_schema(pipeline, inputs)
@@ -175,9 +181,11 @@ class EdgeExecutor:
             canonical_json(document)   # raises for what JSON cannot hold, as it always did
             return parse_pipeline(document, pipeline_id=pipeline_id)
         pipeline = parse_pipeline(document, pipeline_id=pipeline_id)
-        if key not in self._parsed and len(self._parsed) >= _PARSED_CACHE_SIZE:
-            self._parsed.pop(next(iter(self._parsed)))
-        self._parsed[key] = ((snapshot, pipeline),) + tuple(parsed)[:_VERSIONS_PER_ID - 1]
+        with self._lock:     # runs start in several threads (see execute)
+            if key not in self._parsed and len(self._parsed) >= _PARSED_CACHE_SIZE:
+                self._parsed.pop(next(iter(self._parsed)))
+            kept = tuple(parsed)[:_VERSIONS_PER_ID - 1]
+            self._parsed[key] = ((snapshot, pipeline),) + kept
         return pipeline
 
     def _lookup_parent(self, parent_id):
@@ -199,10 +207,17 @@ class EdgeExecutor:
 
     # -- slots --------------------------------------------------------------------------
 
-    def _semaphore(self):
+    @property
+    def slots(self):
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self.config.max_concurrent)
+            with self._lock:
+                if self._slots is None:
+                    self._slots = Slots(self.config.max_concurrent)
         return self._slots
+
+    def count(self, name):
+        with self._lock:     # runs start in several threads (see execute)
+            self.counters[name] += 1
 
     # -- one run ------------------------------------------------------------------------
 
@@ -216,7 +231,7 @@ class EdgeExecutor:
         services = Services(self, state, result)
         run = PipelineRun(state, services, rng=self.rng, clock=self.clock)
         self._active[run_id] = None     # cancellable from here on
-        self.counters["runs"] += 1
+        self.count("runs")
         limit = self.config.execution_timeout if timeout is None else timeout
         try:
             await self._wait(run, limit, result, depth)
@@ -232,6 +247,7 @@ class EdgeExecutor:
                 if on_recorded is not None:
                     self._queue_final(result, on_recorded)
                 elif self.results is not None:   # no store: no task for a no-op
+                    await in_loop()
                     await asyncio.shield(self._save(result))
         return result
 
@@ -263,11 +279,14 @@ class EdgeExecutor:
         records its start when it first waits: before that, nobody could see it."""
         started = time.monotonic()
         run_id = result.run_id
+        if not run.plan.never_waits:
+            await in_loop()             # in another thread: what waits needs the loop
         body = run.run()
         if run_id not in self._cancelled:
             finished, body = start(body)
             if finished:
                 return
+        await in_loop()                 # a quick run that runs long pauses in the loop
         if depth == 0:
             self._record_start(result)
         task = asyncio.ensure_future(body)
@@ -367,7 +386,8 @@ class EdgeExecutor:
 
 
 class _Slot:
-    """``async with``: wait for a run slot, or refuse at once when the queue is full."""
+    """``async with``: take a run slot, wait for one (in the event loop), or refuse at
+    once when the queue is full."""
 
     def __init__(self, executor, record=None):
         self.executor = executor
@@ -376,37 +396,41 @@ class _Slot:
 
     async def __aenter__(self):
         executor = self.executor
-        semaphore = executor._semaphore()
-        must_wait = semaphore.locked()
-        if must_wait and executor._waiting >= executor.config.max_queued_runs:
-            executor.counters["rejected_busy"] += 1
-            raise BusyError(f"busy: {executor._running} runs executing and "
-                            f"{executor._waiting} waiting (max_concurrent="
-                            f"{executor.config.max_concurrent}, max_queued_runs="
-                            f"{executor.config.max_queued_runs}); retry shortly")
-        executor._waiting += 1
-        recorded = must_wait and self.record is not None and executor.record
+        slots = executor.slots
+        admitted = slots.admit(executor.config.max_queued_runs)
+        if admitted is None:
+            executor.count("rejected_busy")
+            raise BusyError(f"busy: {slots.running} runs executing and {slots.queued} "
+                            f"waiting (max_concurrent={executor.config.max_concurrent}, "
+                            f"max_queued_runs={executor.config.max_queued_runs}); retry "
+                            "shortly")
+        if admitted == WAIT:
+            await self._wait(slots)
+        self._held = True
+        return self
+
+    async def _wait(self, slots):
+        recorded = self.record is not None and self.executor.record
         try:
+            await in_loop()                  # waiting needs the loop
             if recorded:
                 self.record("pending")       # queued; the slot wait does not wait for it
-            await semaphore.acquire()
+        except BaseException:
+            slots.leave()
+            raise
+        try:
+            await slots.wait()
         except asyncio.CancelledError:
             if recorded:
                 await asyncio.shield(self.record("cancelled", "cancelled while queued"))
             raise
-        finally:
-            executor._waiting -= 1
-        executor._running += 1
-        self._held = True
-        return self
 
     def release(self):
         """Give the slot back (at most once): before the end of the ``async with`` when
         the run is done and only its record remains to be written."""
         if self._held:
             self._held = False
-            self.executor._running -= 1
-            self.executor._semaphore().release()
+            self.executor.slots.give_back()
 
     async def __aexit__(self, *exc):
         self.release()

@@ -25,7 +25,7 @@ import time
 from ..errors import ExecutionError, ExpressionError, FmEdgeError, StageTimeoutError
 from ..errors import TemplateError
 from . import template
-from .components import get_component
+from .components import family_of, get_component
 from .components.base import BreakLoop, ComponentError, LoopSignal, MappingError
 from .components.base import StageContext
 from .document import topological_waves
@@ -421,6 +421,50 @@ def start(coroutine):
     return False, _carry_on(coroutine, waiting_on)
 
 
+async def in_loop():
+    """Carry on in the runtime's event loop: nothing to do there. In another thread (an
+    HTTP worker that started a run with ``drive``) it hands the whole coroutine over to
+    the loop, where it resumes right here: whatever waits needs the loop."""
+    if asyncio._get_running_loop() is None:
+        await _HOP
+
+
+class _Hop:
+    """What ``in_loop`` yields to ``drive`` in a thread without a loop."""
+
+    __slots__ = ()
+
+    def __await__(self):
+        yield self
+
+
+_HOP = _Hop()
+
+
+def drive(coroutine, loop, adopt):
+    """Run ``coroutine`` in this thread, which has no event loop, until it finishes or
+    needs ``loop`` (``in_loop``): then ``adopt(task)`` is called in the loop with the
+    task carrying it on there. Returns (True, its result) or (False, None); raises what
+    it raised before it got to the loop."""
+    try:
+        waiting_on = coroutine.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    if waiting_on is not _HOP:    # it waited on something without asking for the loop
+        coroutine.close()
+        raise RuntimeError("a run started outside the event loop waited on "
+                           f"{waiting_on!r} before moving to the loop (in_loop)")
+    # None first: the task resumes it on its first step, in the loop's thread.
+    continuation = _carry_on(coroutine, None)
+    try:
+        loop.call_soon_threadsafe(lambda: adopt(loop.create_task(continuation)))
+    except RuntimeError:          # the loop is closed: nothing can carry it on
+        continuation.close()
+        coroutine.close()
+        raise
+    return False, None
+
+
 async def own_task():
     """Carry on in the task that will finish this work: what ``start`` drives runs inside
     whichever task called it, and what captures the current task (asyncio.timeout, and
@@ -473,6 +517,21 @@ class PipelinePlan:
         self.waves = tuple(tuple(self.stages[stage_id] for stage_id in wave)
                            for wave in topological_waves(pipeline))
         self.stage_plans = {}      # stage id -> StagePlan, made on first use
+        self._never_waits = None
+
+    @property
+    def never_waits(self):
+        """True when every stage is a quick pure function without retries and none
+        directs the run (control flow): a run of it waits for nothing, so any thread may
+        run it (see ``in_loop``); it only pauses, in the loop, if it runs long."""
+        if self._never_waits is None:
+            try:
+                self._never_waits = all(
+                    self.stage_plan(stage).inline and family_of(stage.type) != "control"
+                    for stage in self.stages.values())
+            except FmEdgeError:      # an unknown component: the run fails, in the loop
+                self._never_waits = False
+        return self._never_waits
 
     def stage(self, stage_id):
         """The stage with this id; KeyError when there is none."""

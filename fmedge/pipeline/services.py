@@ -43,7 +43,7 @@ class Services:
         return self.state.run_id in self.executor._cancelled
 
     def count_retry(self, stage_id):
-        self.executor.counters["retries"] += 1
+        self.executor.count("retries")
 
     def http_pool(self):
         from ..http import shared_pool
