@@ -19,9 +19,15 @@ calls. Threads, and why:
   request head has arrived, so idle and slow clients cost a file descriptor, never a
   thread (500 idle connections must not stop /health);
 * *workers* (``ServerLimits.max_workers``) parse, check and answer; a keep-alive
-  connection whose next request does not follow within 2 ms goes back to the lobby;
-* the *runtime loop*: the runtime's asyncio event loop in its own thread; executor calls
-  go there with ``run_coroutine_threadsafe``, so its concurrency limits hold for everyone.
+  connection whose next request does not follow within 2 ms goes back to the lobby. A
+  worker starts each run itself (``run.drive``): a pipeline whose stages never wait runs
+  to its end right there, sparing a hand-off to the loop and back, which under load
+  costs more than such a run;
+* the *runtime loop*: the runtime's asyncio event loop in its own thread, where every
+  run that waits (a stage, a slot) carries on; the executor's slots are thread-safe, so
+  its concurrency limits hold for everyone;
+* the result store's *writer* commits records in groups and answers a waiting request
+  itself (``on_recorded``), with the stored JSON as the reply.
 
 Security (reliability.md §3) lives in ``server_security``: bind, token, Host/Origin,
 limits. Idempotency keys live in memory: a repeated key returns the same run for as long
@@ -825,7 +831,8 @@ class _Api:
         inputs = _json_inputs(request)
         wait_s = _wait_seconds(request, self.config.execution_timeout)
         key = check_idempotency_key(request.headers.get("idempotency-key"))
-        fingerprint = hashlib.sha256(pipeline_id.encode() + b"\0" + request.body).hexdigest()
+        fingerprint = key and hashlib.sha256(
+            pipeline_id.encode() + b"\0" + request.body).hexdigest()
         return self.server.runs.start(pipeline_id, inputs, wait_s, key, fingerprint)
 
     def do_status(self, request, raw_id):

@@ -18,6 +18,11 @@ Figures (one JSON line each):
   mostly measures the run itself, so a second figure compares it with the same runs
   through the library (`runtime.run`, same concurrency and limits, its own process):
   that ratio is the cost of the HTTP layer;
+- the durable ceiling for POST /run: the bare handler plus the least a server that keeps
+  each answer on disk before it replies can do in Python threads: one INSERT of the
+  answer into a WAL SQLite file with synchronous=FULL, group-committed by a writer thread,
+  no run, no checks. Its ratio to the bare server bounds what any such server reaches
+  here, fm-edge included;
 - RSS of the serve process idle after start (target <= 30 MB) and its peak under load.
   The serve process runs from compiled bytecode (a private pycache prefix, compiled by a
   warm-up process), as an installed fm-edge or the pyz does, even where the environment
@@ -91,6 +96,49 @@ server.daemon_threads = True
 print(server.server_address[1], flush=True)
 server.serve_forever()
 """
+
+# The bare handler plus a durable group commit of each answer before replying (see the
+# module docstring): the ceiling of a Python server that records what it answers. A
+# writer thread commits what the request threads queued meanwhile (measured faster here
+# than request threads taking turns to commit for each other).
+DURABLE = BARE.replace("""
+class Handler(""", """
+import os, sqlite3, threading, uuid
+
+db = sqlite3.connect(os.path.join(sys.argv[3], "ceiling.db"), isolation_level=None,
+                     check_same_thread=False)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("PRAGMA synchronous=FULL")
+db.execute("CREATE TABLE IF NOT EXISTS r (id INTEGER PRIMARY KEY, run TEXT UNIQUE, body TEXT)")
+queue, queued = [], threading.Condition()
+text = run.decode()
+
+def commit_forever():
+    while True:
+        with queued:
+            while not queue:
+                queued.wait()
+            group = queue[:]
+            del queue[:]
+        db.execute("INSERT INTO r (run, body) VALUES " + ",".join(["(?,?)"] * len(group)),
+                   [v for _, run_id in group for v in (run_id, text)])
+        for done, _ in group:
+            done.release()
+
+threading.Thread(target=commit_forever, daemon=True).start()
+
+def save(run_id):
+    done = threading.Lock()
+    done.acquire()
+    with queued:
+        queue.append((done, run_id))
+        queued.notify()
+    done.acquire()             # released once the INSERT holding it committed
+
+class Handler(""").replace("""        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.answer(run)""", """        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        save(uuid.uuid4().hex)
+        self.answer(run)""")
 
 LIBRARY = """
 import asyncio, sys, time
@@ -212,8 +260,9 @@ def prepare(data_dir):
 
 def measure(name, target, urls, args, script=None, serve_pid=None, library=None):
     """wrk against fm-edge and the baseline in alternating rounds; ``library()`` (runs/s
-    through the library) joins each round when given. Returns the peak RSS seen."""
-    ours, bare, lib = [], [], []
+    through the library) and the durable ceiling (a third URL) join each round when
+    given. Returns the peak RSS seen."""
+    ours, bare, lib, ceiling = [], [], [], []
     errors = 0
     peak = 0.0
     for _ in range(args.rounds):
@@ -223,6 +272,8 @@ def measure(name, target, urls, args, script=None, serve_pid=None, library=None)
         ours.append((rps, p99))
         errors += failed
         bare.append(wrk(urls[1], args.duration, args.connections, script)[:2])
+        if len(urls) > 2:
+            ceiling.append(wrk(urls[2], args.duration, args.connections, script)[0])
         if library is not None:
             lib.append(library())
     rps, base_rps = (statistics.median(r for r, _ in runs) for runs in (ours, bare))
@@ -233,6 +284,13 @@ def measure(name, target, urls, args, script=None, serve_pid=None, library=None)
            non_2xx=errors)
     report(f"{name}_p99_latency", p99, "ms", baseline=base_p99,
            baseline_name="bare ThreadingHTTPServer, same bytes")
+    if ceiling:
+        durable = statistics.median(ceiling)
+        report(f"{name}_durable_ceiling", durable, "requests/s", baseline=base_rps,
+               baseline_name="bare ThreadingHTTPServer, same bytes",
+               what="bare handler + a group-committed fsync'd SQLite INSERT per answer")
+        report(f"{name}_vs_durable_ceiling", rps, "requests/s", baseline=durable,
+               baseline_name="the durable ceiling above")
     if lib:
         report(f"{name}_vs_library", rps, "requests/s", baseline=statistics.median(lib),
                baseline_name="runtime.run() in-process, same concurrency and limits",
@@ -249,7 +307,7 @@ def main():
     if shutil.which("wrk") is None:
         sys.exit("bench_http: wrk is not installed (Debian/Ubuntu: apt-get install -y wrk)")
     work = tempfile.mkdtemp(prefix="fmedge-bench-http-")
-    serve_proc = bare_proc = None
+    serve_proc = bare_proc = durable_proc = None
     try:
         env = child_env(os.path.join(work, "pycache"))
         data_dir, lib_dir = os.path.join(work, "edge"), os.path.join(work, "library")
@@ -267,6 +325,7 @@ def main():
             with open(path, "wb") as handle:
                 handle.write(data)
         bare_proc, bare = start(BARE, env, *paths, quiet=True)
+        durable_proc, durable = start(DURABLE, env, *paths, work, quiet=True)
         script = os.path.join(work, "post.lua")
         with open(script, "w") as handle:
             handle.write(POST_SCRIPT)
@@ -275,12 +334,13 @@ def main():
         peak = measure("http_health", ">= 0.7", (ours + "/health", bare + "/health"), args,
                        serve_pid=serve_proc.pid)
         peak = max(peak, measure(
-            "http_run_wait", ">= 0.5", (ours + RUN_PATH, bare + RUN_PATH), args, script,
+            "http_run_wait", ">= 0.5", (ours + RUN_PATH, bare + RUN_PATH,
+                                        durable + RUN_PATH), args, script,
             serve_pid=serve_proc.pid, library=lambda: library_runs_per_s(
                 env, lib_dir, args.duration, args.connections)))
         report("serve_rss_under_load", peak, "MB", connections=args.connections)
     finally:
-        for proc in (serve_proc, bare_proc):
+        for proc in (serve_proc, bare_proc, durable_proc):
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)
