@@ -58,6 +58,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from .errors import ConfigError, FmEdgeError, NotFoundError, OfflineError
 from .ids import new_run_id, validate_id
 from .pipeline.run import drive
+from .request_head import head_end, parse_head
 from .server_security import (HttpError, ServerLimits, check_bind, check_host,
                               check_idempotency_key, check_origin, check_query_credentials,
                               check_token, is_loopback_host)
@@ -110,28 +111,17 @@ class _Connection:
         self.queued_at = 0.0
 
     def head_complete(self):
-        return self.buffer.find(b"\r\n\r\n") >= 0 or self.buffer.find(b"\n\n") >= 0
+        return head_end(self.buffer) >= 0
 
 
 class _ConnectionReader:
-    """What BaseHTTPRequestHandler reads: the buffer first, then the socket, never past
+    """What the handler reads a body from: the buffer first, then the socket, never past
     ``deadline`` (a socket timeout alone is per recv: a client sending one byte every 9 s
     would never hit a 10 s one)."""
 
     def __init__(self, conn, timeout_s):
         self.conn = conn
         self.deadline = time.monotonic() + timeout_s
-
-    def readline(self, limit=-1):
-        buffer = self.conn.buffer
-        while True:
-            end = buffer.find(b"\n")
-            if end >= 0 and (limit < 0 or end < limit):
-                return self._take(end + 1)
-            if 0 <= limit <= len(buffer):
-                return self._take(limit)
-            if not self._fill():
-                return self._take(len(buffer))
 
     def read(self, size):
         while len(self.conn.buffer) < size and self._fill():
@@ -625,7 +615,7 @@ class _Request:
 
 
 class _ApiHandler(BaseHTTPRequestHandler):
-    """Parses one request with the stdlib parser, applies the guards, calls the API.
+    """Parses one request (fmedge.request_head), applies the guards, calls the API.
 
     Driven by a worker, one request at a time (not by socketserver), so the connection
     can go back to the lobby between keep-alive requests.
@@ -649,13 +639,13 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         started = time.monotonic()
-        self.raw_requestline = self.rfile.readline(65537)
-        if not self.raw_requestline:
+        buffer = self.conn.buffer
+        end = head_end(buffer)
+        if end < 0:           # the lobby hands over whole heads only; nothing to answer
             return "close"
-        if len(self.raw_requestline) > 65536:
-            self.send_error(414, "the request line is over 65536 bytes")
-            return "linger"
-        if not self.parse_request():
+        head = bytes(buffer[:end])
+        del buffer[:end]
+        if not self._parse(head):
             return "linger"
         reply = self._reply()
         self._send(reply)
@@ -663,6 +653,26 @@ class _ApiHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             return "linger" if self.body_pending else "close"
         return "keep"
+
+    def _parse(self, head):
+        """BaseHTTPRequestHandler.parse_request's work, with fmedge.request_head's
+        parser; False when the request was refused (answered already)."""
+        try:
+            self.command, self.path, self.request_version, self.headers = parse_head(
+                head, self.server.limits.max_head_bytes)
+        except HttpError as error:
+            self.close_connection = True
+            self.wfile.write(_error_reply(error).render(close=True))
+            return False
+        self.requestline = f"{self.command} {self.path} {self.request_version}"
+        connection = (self.headers.get("Connection") or "").lower()
+        if self.request_version == "HTTP/1.1":
+            self.close_connection = connection == "close"
+            if (self.headers.get("Expect") or "").lower() == "100-continue":
+                return self.handle_expect_100()
+        else:
+            self.close_connection = connection != "keep-alive"
+        return True
 
     def _reply(self):
         try:
