@@ -334,3 +334,22 @@ def time_limit(seconds=30.0):
     while True:
         time.sleep(0.001)
         yield time.monotonic() < deadline
+
+
+def test_a_driven_quick_run_that_runs_long_carries_on_in_the_loop(tmp_path):
+    executor = make(tmp_path)
+    run(executor, QUICK, {"x": 0})                  # opens the store
+    executor.results.db.conn.executescript("""
+        CREATE TEMP TABLE written (status TEXT);
+        CREATE TEMP TRIGGER on_insert AFTER INSERT ON main.results
+            BEGIN INSERT INTO written VALUES (NEW.status); END;
+        CREATE TEMP TRIGGER on_update AFTER UPDATE ON main.results
+            BEGIN INSERT INTO written VALUES (NEW.status); END;""")
+    with LoopThread() as loop:
+        finished, adopted, (result, _) = drive_here(executor, loop, busy_chain(3))
+    # Past its first long stage it paused: into the loop, under its time limit, and
+    # recorded as running from then on.
+    assert not finished and len(adopted) == 1
+    assert result.status == "completed" and len(result.stages) == 3
+    written = executor.results.db.conn.execute("SELECT status FROM written").fetchall()
+    assert written == [("running",), ("completed",)]
