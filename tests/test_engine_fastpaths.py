@@ -12,6 +12,7 @@ import asyncio
 from fmedge.config import EdgeConfig
 from fmedge.pipeline.executor import EdgeExecutor
 from llm_double import ScriptedAdapter
+from polling import wait_until
 
 # One stage of this takes some 20 ms of CPU and never waits.
 BUSY_CONDITION = "sum(range(1000000)) > 0"
@@ -34,15 +35,6 @@ def busy_chain(length):
     return {"id": "busy", "stages": [
         stage(f"s{i}", "filter", [f"s{i - 1}"] if i else [], data={},
               condition=BUSY_CONDITION) for i in range(length)]}
-
-
-async def wait_until(predicate, timeout=10.0):
-    """Poll ``predicate`` until true; fail the test if the deadline passes."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.001)
 
 
 def test_compiled_templates_read_each_runs_own_values(tmp_path):

@@ -8,6 +8,7 @@ from fmedge.config import EdgeConfig
 from fmedge.errors import BusyError, ModelNotFoundError
 from fmedge.pipeline.executor import EdgeExecutor
 from llm_double import ScriptedAdapter
+from polling import wait_until
 
 
 def generator(stage_id="write", depends_on=(), **extra):
@@ -23,15 +24,6 @@ def doc(*stages):
 
 def make(tmp_path, adapter, **config):
     return EdgeExecutor(EdgeConfig(data_dir=str(tmp_path), **config), llm=adapter)
-
-
-async def wait_until(predicate, timeout=10.0):
-    """Poll ``predicate`` until true; fail the test if the deadline passes."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.005)
 
 
 def test_generator_output_usage_and_settings(tmp_path):

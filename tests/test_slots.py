@@ -4,14 +4,7 @@ import asyncio
 import threading
 
 from fmedge.pipeline.slots import RUN, WAIT, Slots
-
-
-async def until(predicate, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.001)
+from polling import wait_until
 
 
 def test_slots_are_taken_then_queued_then_refused():
@@ -35,14 +28,14 @@ def test_a_slot_given_back_goes_to_the_first_waiter_in_its_loop():
         for name in ("first", "second"):
             assert slots.admit(5) == WAIT
             waiters.append(asyncio.ensure_future(waiter(name)))
-        await until(lambda: len(slots._waiters) == 2)
+        await wait_until(lambda: len(slots._waiters) == 2)
         assert slots.admit(5) == WAIT       # a newcomer queues behind, never overtakes
         slots.leave()
         # Given back from another thread, as an HTTP worker's run does.
         thread = threading.Thread(target=slots.give_back)
         thread.start()
         thread.join()
-        await until(lambda: order == ["first"])
+        await wait_until(lambda: order == ["first"])
         slots.give_back()
         await asyncio.gather(*waiters)
 
@@ -64,7 +57,7 @@ def test_a_cancelled_waiter_passes_its_slot_on_and_takes_none():
         cancelled = asyncio.ensure_future(slots.wait())
         assert slots.admit(5) == WAIT
         later = asyncio.ensure_future(slots.wait())
-        await until(lambda: len(slots._waiters) == 2)
+        await wait_until(lambda: len(slots._waiters) == 2)
         slots.give_back()                   # on its way to the first waiter ...
         cancelled.cancel()                  # ... which is cancelled before it arrives
         await later                         # so the second one gets it
