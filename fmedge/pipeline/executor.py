@@ -11,8 +11,9 @@ an :class:`ExecutionResult` with ``status``, ``output`` and ``duration_ms`` (plu
 * each run is recorded in the ResultStore when it is queued (``pending``) or when it
   first waits (``running``), and durably when it ends, before its caller gets the
   result: a crash leaves an ``interrupted`` record, never a lost run. A run that never
-  waits (quick stages only) starts and ends within one step of the event loop, where no
-  crash can split it from its final record, so it writes only that one. The first
+  waits (quick stages only) starts and ends in one go (one step of the event loop, or in
+  the HTTP worker that started it), where no crash can split it from its final record,
+  so it writes only that one. The first
   record is queued without waiting and without its own fsync (nobody has been told
   about the run yet; POST /run flushes the store before its 202); the run slot is given
   back before the final record's group commit, which needs none.
@@ -33,8 +34,8 @@ from .document import canonical_json, parse_pipeline
 from .inputs import apply_input_schema
 from .result import CANCELLED, COMPLETED, RUN_FAILED, SUCCESS, TIMEOUT, ExecutionResult
 from .run import PipelineRun, RunState, StageFailure, in_loop, reference_error_name, start
-from .slots import WAIT, Slots
 from .services import Services
+from .slots import WAIT, Slots
 
 log = logging.getLogger("fmedge.executor")
 _PARSED_CACHE_SIZE = 64    # pipeline ids (and names) whose parsed documents are kept
