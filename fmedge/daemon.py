@@ -17,7 +17,7 @@ import time
 
 from .errors import BusyError, FmEdgeError, StorageError
 from .fsutil import atomic_write
-from .process import owner_alive, owner_token
+from .process import owner_alive, owner_token, pid_exists
 
 PIDFILE_NAME = "fm-edge.pid"
 START_TIMEOUT_S = 30.0       # a Pi with a slow SD card can take a while to open its stores
@@ -97,7 +97,7 @@ def stop_daemon(config, timeout_s=STOP_TIMEOUT_S, force=False):
     _signal(pid, signal.SIGKILL if force else signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if running_daemon(config) is None and not _alive(pid):
+        if running_daemon(config) is None and not pid_exists(pid):
             return {"stopped": True, "pid": pid, "forced": force}
         time.sleep(0.05)
     _signal(pid, signal.SIGKILL)   # it ignored the grace period: the second signal forces
@@ -151,16 +151,6 @@ def _signal(pid, signum):
     except PermissionError as error:
         raise StorageError(f"cannot signal fm-edge (pid {pid}): {error}; run stop as the "
                            "user that started it") from error
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _last_line(path):

@@ -69,44 +69,44 @@ class Database:
         are safe to lose, such as marking results synced: a lost mark means the result is
         sent again and the cloud de-duplicates it.
         """
-        with self.lock, self.errors():
-            self.generation += 1
-            if not durable:
-                self.conn.execute("PRAGMA synchronous=NORMAL")
+        with self._writing(durable) as conn:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                self.conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self.conn
-                    if durable and self.unsynced:
-                        # A transaction that changed no page commits without fsync, so
-                        # rewrite page 1 (application_id, which fm-edge leaves 0): this
-                        # COMMIT then fsyncs the WAL, and with it the earlier commits.
-                        self.conn.execute("PRAGMA application_id=0")
-                except BaseException:
-                    self.conn.execute("ROLLBACK")
-                    raise
-                self.conn.execute("COMMIT")
-                self.unsynced = not durable
-            finally:
-                if not durable:
-                    self.conn.execute("PRAGMA synchronous=FULL")
+                yield conn
+                if durable and self.unsynced:
+                    # A transaction that changed no page commits without fsync, so
+                    # rewrite page 1 (application_id, which fm-edge leaves 0): this
+                    # COMMIT then fsyncs the WAL, and with it the earlier commits.
+                    conn.execute("PRAGMA application_id=0")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def write(self, sql, params=(), durable=True):
         """One statement as its own transaction (SQLite's autocommit): one call into SQLite
         where ``transaction`` makes three (BEGIN, the statement, COMMIT). Each call gives up
         the GIL, and under load a thread waits behind all the others to get it back.
         Only for a statement that changes a page (see ``transaction``)."""
-        if durable and self.unsynced:
-            # Covering earlier commits needs the page-1 rewrite ``transaction`` does.
-            with self.transaction() as conn:
+        with self.lock:
+            if durable and self.unsynced:
+                # Covering earlier commits needs the page-1 rewrite ``transaction`` does.
+                with self.transaction() as conn:
+                    conn.execute(sql, params)
+                return
+            with self._writing(durable) as conn:
                 conn.execute(sql, params)
-            return
+
+    @contextlib.contextmanager
+    def _writing(self, durable):
+        """Around one write: the lock, error mapping, fsync setting and bookkeeping (this
+        process's write count; whether every commit so far is durable)."""
         with self.lock, self.errors():
             self.generation += 1
             if not durable:
                 self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                self.conn.execute(sql, params)
+                yield self.conn
                 self.unsynced = not durable
             finally:
                 if not durable:

@@ -25,7 +25,7 @@ def owner_alive(token):
         return False
     if boot != _boot_id():
         return False
-    if not _pid_exists(pid):
+    if not pid_exists(pid):
         return False
     return start == "" or start == _start_time(pid)
 
@@ -48,7 +48,8 @@ def _start_time(pid):
     return text.rsplit(")", 1)[-1].split()[19]
 
 
-def _pid_exists(pid):
+def pid_exists(pid):
+    """True while a process with this pid exists (ours to signal or not)."""
     if pid <= 0:
         return False
     try:

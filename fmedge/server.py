@@ -467,14 +467,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     def linger(self, conn):
         """Answered and closing: read (and drop) what the client still sends for a moment,
         so it sees our answer instead of a reset while it was still sending its body."""
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.release(conn)
+        if not self._half_close(conn):
             return
-        conn.lingering = True
-        del conn.buffer[:]
-        conn.deadline = time.monotonic() + _LINGER_S
         if self._stop.is_set():
             self.release(conn)
             return
@@ -498,15 +492,21 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         except OSError:
             self.release(conn)
             return
+        if self._half_close(conn):
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _half_close(self, conn):
+        """Stop sending and start lingering; False (and the connection released) if the
+        socket is gone already."""
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self.release(conn)
-            return
+            return False
         conn.lingering = True
         del conn.buffer[:]
         conn.deadline = time.monotonic() + _LINGER_S
-        self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        return True
 
     def _forget(self, conn):
         self.selector.unregister(conn.sock)
@@ -1087,7 +1087,7 @@ class _Runs:
     def _answer(self, run_id, future, wait_s):
         if wait_s is not None and self._take_waiter():
             try:
-                outcome = _result_within(future, wait_s)
+                outcome = future.result(wait_s)
             finally:
                 self._release_waiter()
             if outcome is not None:
@@ -1103,7 +1103,7 @@ class _Runs:
         deadline = time.monotonic() + ADMIT_WAIT_S
         delay = 0.002
         while True:
-            outcome = _result_within(future, delay)
+            outcome = future.result(delay)
             if outcome is not None:
                 return outcome[0].status
             record = self.runtime.results.get_now(run_id)
@@ -1334,12 +1334,6 @@ def _run_task_done(future, task):
     elif task.exception() is not None:
         future.settle(error=task.exception())
     # else: the record's writer settles it (on_recorded)
-
-
-def _result_within(future, timeout_s):
-    """The run's (result, record JSON), None if still running after ``timeout_s``;
-    raises if refused."""
-    return future.result(timeout_s)
 
 
 # == health and metrics =====================================================================

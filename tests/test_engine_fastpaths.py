@@ -177,6 +177,18 @@ def test_a_subpipeline_time_limit_stops_a_child_whose_stages_never_wait(tmp_path
 
 # -- what a run writes --------------------------------------------------------------------
 
+def statuses_written(store):
+    """From now on, every status written to the store's results table, in order (a
+    trigger on the store's own connection, which its writer uses); returns their reader."""
+    store.db.conn.executescript("""
+        CREATE TEMP TABLE written (status TEXT);
+        CREATE TEMP TRIGGER on_insert AFTER INSERT ON main.results
+            BEGIN INSERT INTO written VALUES (NEW.status); END;
+        CREATE TEMP TRIGGER on_update AFTER UPDATE ON main.results
+            BEGIN INSERT INTO written VALUES (NEW.status); END;""")
+    return lambda: [status for status, in store.db.execute("SELECT status FROM written")]
+
+
 QUICK = {"id": "quick", "stages": [stage("a", "json_transform", data={"x": "{{input.x}}"})]}
 
 
@@ -184,19 +196,11 @@ def test_a_run_that_never_waits_writes_only_its_final_record(tmp_path):
     executor = make(tmp_path)
     run(executor, QUICK, {"x": 0})          # opens the store and starts its writer
     store = executor.results
-    # Every status written to the results table, in order (a trigger on the store's
-    # own connection, which its writer uses).
-    store.db.conn.executescript("""
-        CREATE TEMP TABLE written (status TEXT);
-        CREATE TEMP TRIGGER on_insert AFTER INSERT ON main.results
-            BEGIN INSERT INTO written VALUES (NEW.status); END;
-        CREATE TEMP TRIGGER on_update AFTER UPDATE ON main.results
-            BEGIN INSERT INTO written VALUES (NEW.status); END;""")
+    written = statuses_written(store)
     result = run(executor, QUICK, {"x": 1})
     assert result.status == "completed"
     # No `running` record first: nothing could see the run between its start and end.
-    assert store.db.conn.execute("SELECT status FROM written").fetchall() == [
-        ("completed",)]
+    assert written() == ["completed"]
 
 
 def test_on_recorded_is_told_by_the_writer_once_the_record_is_stored(tmp_path):
@@ -331,17 +335,11 @@ def time_limit(seconds=30.0):
 def test_a_driven_quick_run_that_runs_long_carries_on_in_the_loop(tmp_path):
     executor = make(tmp_path)
     run(executor, QUICK, {"x": 0})                  # opens the store
-    executor.results.db.conn.executescript("""
-        CREATE TEMP TABLE written (status TEXT);
-        CREATE TEMP TRIGGER on_insert AFTER INSERT ON main.results
-            BEGIN INSERT INTO written VALUES (NEW.status); END;
-        CREATE TEMP TRIGGER on_update AFTER UPDATE ON main.results
-            BEGIN INSERT INTO written VALUES (NEW.status); END;""")
+    written = statuses_written(executor.results)
     with LoopThread() as loop:
         finished, adopted, (result, _) = drive_here(executor, loop, busy_chain(3))
     # Past its first long stage it paused: into the loop, under its time limit, and
     # recorded as running from then on.
     assert not finished and len(adopted) == 1
     assert result.status == "completed" and len(result.stages) == 3
-    written = executor.results.db.conn.execute("SELECT status FROM written").fetchall()
-    assert written == [("running",), ("completed",)]
+    assert written() == ["running", "completed"]

@@ -333,8 +333,8 @@ class EdgeExecutor:
         durable, or that it could not be written."""
         def done(outcome, payload):
             if isinstance(outcome, BaseException):
-                log.error("run %s: could not record the result: %s", result.run_id, outcome)
-                result.record_error, payload = str(outcome), None
+                _record_failed(result, outcome)
+                payload = None
             on_recorded(result, payload)
 
         store = self.results
@@ -359,9 +359,7 @@ class EdgeExecutor:
             await store.save(result.run_id, result.to_dict(),
                              durable=result.status not in UNFINISHED)
         except FmEdgeError as error:
-            # The run itself is not lost from the caller's view; the record is. Say so.
-            log.error("run %s: could not record the result: %s", result.run_id, error)
-            result.record_error = str(error)
+            _record_failed(result, error)
 
     def _allowed_env(self):
         """Only variables named in ``env_allowlist``: cloud pipelines must not read keys."""
@@ -436,6 +434,12 @@ class _Slot:
     async def __aexit__(self, *exc):
         self.release()
         return False
+
+
+def _record_failed(result, error):
+    # The run itself is not lost from the caller's view; the record is. Say so.
+    log.error("run %s: could not record the result: %s", result.run_id, error)
+    result.record_error = str(error)
 
 
 def _log_start_failure(run_id, done):
